@@ -1,0 +1,22 @@
+"""Rewards: a protocol, a registry, built-ins and a weighted multi-reward."""
+
+from flowrl.rewards.base import (
+    Reward,
+    RewardSpec,
+    WeightedReward,
+    available_rewards,
+    build_reward,
+    register_reward,
+)
+from flowrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
+
+__all__ = [
+    "Reward",
+    "RewardSpec",
+    "WeightedReward",
+    "available_rewards",
+    "build_reward",
+    "register_reward",
+    "JpegCompressibility",
+    "JpegIncompressibility",
+]

@@ -1,0 +1,129 @@
+"""Tiny, offline Stable Diffusion 3 pipelines with real diffusers/transformers classes.
+
+Used by the toy world (the shipped model starts from here) and by the tests: every component is
+built from a config object, the tokenizer is trained in memory, nothing touches a hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from tokenizers import trainers
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+DEFAULT_WORDS = (
+    "a an one two three four five six the of and with photo picture image "
+    "red green blue yellow purple orange cyan white black pink brown gray "
+    "circle circles square squares triangle triangles cat cats dog dogs "
+    "left right above below on top bottom next to"
+).split()
+
+
+def build_word_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16) -> CLIPTokenizer:
+    """A real ``CLIPTokenizer`` whose BPE merges make every word in ``words`` a single token.
+
+    Trained in memory with the same normaliser and pre-tokeniser as CLIP, so it saves and loads with
+    ``save_pretrained`` / ``from_pretrained`` like any CLIP tokenizer.
+    """
+    words = sorted(set(words))
+    backend = CLIPTokenizer().backend_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, special_tokens=[BOS, EOS], end_of_word_suffix="</w>", show_progress=False
+    )
+    backend.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=model_max_length)
+
+
+def build_tiny_sd3_pipeline(
+    seed: int = 0,
+    words: Iterable[str] = DEFAULT_WORDS,
+    sample_size: int = 32,
+    patch_size: int = 2,
+    num_layers: int = 2,
+    attention_head_dim: int = 16,
+    num_attention_heads: int = 2,
+    text_hidden_size: int = 32,
+    text_layers: int = 2,
+    latent_channels: int = 4,
+    vae_channels: int = 16,
+    max_text_length: int = 16,
+    shift: float = 3.0,
+) -> StableDiffusion3Pipeline:
+    """A randomly initialised ``StableDiffusion3Pipeline`` small enough for a laptop CPU.
+
+    Two CLIP text encoders (each ``text_hidden_size`` wide, together they fill the joint attention
+    width), no T5, and an ``AutoencoderKL`` without downsampling (``vae_scale_factor`` 1), so
+    images are ``sample_size`` pixels square.
+    """
+    torch.manual_seed(seed)
+    joint_dim = 2 * text_hidden_size
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=attention_head_dim * num_attention_heads,
+        pooled_projection_dim=joint_dim,
+        pos_embed_max_size=max(sample_size // patch_size, 8),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(vae_channels,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(8, vae_channels),
+        sample_size=sample_size,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+    tokenizer = build_word_tokenizer(words, model_max_length=max_text_length)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    bos_id = tokenizer.convert_tokens_to_ids(BOS)
+
+    def text_encoder():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=text_hidden_size,
+                intermediate_size=2 * text_hidden_size,
+                num_hidden_layers=text_layers,
+                num_attention_heads=2,
+                max_position_embeddings=max_text_length,
+                projection_dim=text_hidden_size,
+                bos_token_id=bos_id,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id,
+                hidden_act="gelu",
+            )
+        )
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=text_encoder(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder(),
+        tokenizer_2=build_word_tokenizer(words, model_max_length=max_text_length),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
