@@ -1,0 +1,379 @@
+"""What every flowrl algorithm shares: the policy, rewards, rollouts, validation and the update loop.
+
+An algorithm subclass says what a rollout must store (``stores_trajectory``), which sampling
+dynamics are allowed (``needs_log_prob``) and how to turn stored data into a loss
+(``training_loss``). The Lightning ``Trainer`` owns devices, precision, strategies and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from flowrl.advantages import group_advantages
+from flowrl.dynamics import ODE, StepSelector, build_dynamics
+from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
+from flowrl.rewards import RewardSpec, WeightedReward
+
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(resolution, int):
+        return resolution, resolution
+    if len(resolution) != 2:
+        raise ValueError(f"resolution must be an int or [height, width], got {resolution!r}")
+    return int(resolution[0]), int(resolution[1])
+
+
+@dataclass
+class EvalConfig:
+    """Validation sampling (always ODE). ``None`` fields fall back to the training values.
+
+    The seed's train/eval decoupling: train at a small ``resolution``, evaluate at full size."""
+
+    resolution: int | list[int] | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """What sampling stored for one batch. Step tensors are indexed ``[:, k]`` for trained step k."""
+
+    prompts: list[str]
+    cond: Conditioning
+    sigmas: torch.Tensor  # (N + 1,) float32, descending to 0
+    train_steps: list[int]  # indices i into sigmas: step i goes sigmas[i] -> sigmas[i + 1]
+    latents: torch.Tensor | None  # (B, K, ...) x at each trained step
+    next_latents: torch.Tensor | None  # (B, K, ...) the sample drawn at that step
+    log_probs: torch.Tensor | None  # (B, K) float32
+    means: torch.Tensor | None  # (B, K, ...) step means (GRPO-Guard, x-based KL)
+    final: torch.Tensor  # (B, ...) clean latents
+    images: torch.Tensor  # (B, C, H, W) in [0, 1]
+    extras: dict = field(default_factory=dict)
+
+
+class FlowRLModule(L.LightningModule):
+    """Base class; use a concrete algorithm (``GRPO``, ...)."""
+
+    #: coupled algorithms need a tractable log-prob at trained steps, so they forbid ODE dynamics.
+    needs_log_prob: bool = True
+    #: store per-step latents / log-probs (coupled) or only the final latents (decoupled).
+    stores_trajectory: bool = True
+    #: also store step means (GRPO-Guard).
+    stores_means: bool = False
+    trainer_type: str = ""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        rewards: list[RewardSpec] | None = None,
+        group_size: int = 8,
+        resolution: int | list[int] = 512,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 4.5,
+        eval: EvalConfig | None = None,
+        dynamics_type: str = "Flow-SDE",
+        noise_level: float = 0.7,
+        train_steps: list[int] | None = None,
+        num_train_steps: int | None = None,
+        window_size: int | None = None,
+        window_shift_interval: int | None = None,
+        num_inner_epochs: int = 1,
+        train_batch_size: int | None = None,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float | None = 1.0,
+        clip_range: float | None = 1e-4,
+        adv_clip_range: float = 5.0,
+        global_std: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "policy"] if isinstance(policy, FlowMatchingPolicy) else ["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trained parameters
+        self.eval_config = eval or EvalConfig()
+        self.group_size = group_size
+        self.height, self.width = _hw(resolution)
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.num_inner_epochs, self.train_batch_size = num_inner_epochs, train_batch_size
+        self.gradient_accumulation_steps, self.max_grad_norm = gradient_accumulation_steps, max_grad_norm
+        self.clip_range, self.adv_clip_range, self.global_std = clip_range, adv_clip_range, global_std
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.seed = seed
+        self._validate_common(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size)
+
+        # Configuration errors surface here, before any weights load.
+        self.dynamics = build_dynamics(dynamics_type, noise_level)
+        if self.needs_log_prob and not self.dynamics.is_stochastic:
+            raise ValueError(
+                f"trainer_type {self.trainer_type!r} needs a tractable log-prob, which dynamics_type {dynamics_type!r} "
+                "does not give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling"
+            )
+        self.step_selector = StepSelector(num_inference_steps, train_steps, num_train_steps, seed, window_size,
+                                          window_shift_interval)
+        self.ode = ODE()
+        self.reward_fn = rewards if callable(rewards) else WeightedReward.from_specs(
+            rewards or [RewardSpec("jpeg_compressibility")]
+        )
+        self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
+        self.policy.check_resolution(self.height, self.width)
+        eval_h, eval_w = _hw(self.eval_config.resolution or [self.height, self.width])
+        self.policy.check_resolution(eval_h, eval_w)
+        self.val_metrics = nn.ModuleDict({"reward": MeanMetric()})
+        for name, reward in getattr(self.reward_fn, "rewards", {}).items():
+            for category in getattr(reward, "categories", ()):
+                self.val_metrics[f"{name}_acc_{category}"] = MeanMetric()
+        self.iteration = 0
+
+    def _validate_common(self, group_size, num_inner_epochs, accumulation, train_batch_size):
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}: group-relative advantages need group_size >= 2")
+        if num_inner_epochs < 1 or accumulation < 1:
+            raise ValueError("num_inner_epochs and gradient_accumulation_steps must be >= 1")
+        if train_batch_size is not None and train_batch_size < 1:
+            raise ValueError(f"train_batch_size={train_batch_size} must be >= 1 (or null for the whole batch)")
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    def configure_optimizers(self):
+        params = list(self.policy.trainable_parameters())
+        if not params:
+            raise ValueError("the policy has no trainable parameters; check finetune_type / target_modules")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def on_fit_start(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_group = getattr(datamodule, "group_size", None)
+        if data_group is not None and data_group != self.group_size:
+            raise ValueError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
+
+    def on_save_checkpoint(self, checkpoint):
+        trained = {n for n, _ in self.named_parameters() if _.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["flowrl_iteration"] = self.iteration
+
+    def on_load_checkpoint(self, checkpoint):
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trained - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trained parameters (e.g. {missing[:3]}); "
+                           "it was written for a different finetune_type / LoRA setup")
+        self.iteration = checkpoint.get("flowrl_iteration", 0)
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        key = zlib.crc32(repr((self.seed, *salt)).encode())
+        return torch.Generator().manual_seed(key)
+
+    def _sampling_contexts(self) -> contextlib.ExitStack:
+        """Enter every callback's ``sampling_context`` (e.g. EMA weights for off-policy rollouts)."""
+        stack = contextlib.ExitStack()
+        trainer = self._trainer
+        for cb in (trainer.callbacks if trainer is not None else []):
+            if hasattr(cb, "sampling_context"):
+                stack.enter_context(cb.sampling_context(trainer, self))
+        return stack
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.train_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        train_steps: Sequence[int] = (),
+        store: str = "final",
+    ) -> Rollout:
+        """Sample ``prompts``; steps in ``train_steps`` use the SDE dynamics, the rest the ODE.
+
+        ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps.
+        Forward passes go in chunks of ``train_batch_size`` so that training recomputes every
+        log-prob in exactly the same batches (on-policy ratios are then exactly 1).
+        """
+        policy = self.policy
+        n = len(prompts)
+        cond = policy.encode_prompt(prompts)
+        sigmas = policy.sigmas(num_inference_steps, height, width)
+        x = policy.prepare_latents(n, height, width, generator)
+        noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
+        trained = sorted(train_steps)
+        keep = store == "trajectory" and trained
+        lat, nxt, lps, means = [], [], [], []
+        for i in range(num_inference_steps):
+            dyn = self.dynamics if i in trained else self.ode
+            s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+            outs = []
+            for sl in self._chunks(n):
+                chunk_cond = {k: v[sl] for k, v in cond.items()}
+                v = policy.velocity(x[sl], s, chunk_cond, guidance_scale)
+                outs.append(dyn.step(x[sl], v, s, s_next, noise=noise[i, sl]))
+            x_next = torch.cat([o.prev_sample for o in outs])
+            if keep and i in trained:
+                lat.append(x)
+                nxt.append(x_next)
+                lps.append(torch.cat([o.log_prob for o in outs]))
+                if self.stores_means:
+                    means.append(torch.cat([o.mean for o in outs]))
+            x = x_next
+        images = torch.cat([policy.decode(x[sl]) for sl in self._chunks(n)])
+        stack = (lambda xs: torch.stack(xs, 1) if xs else None)
+        return Rollout(list(prompts), cond, sigmas, trained, stack(lat), stack(nxt), stack(lps), stack(means), x,
+                       images)
+
+    def rollout(self, prompts: Sequence[str]) -> Rollout:
+        steps = self.step_selector.select(self.iteration)
+        gen = self._generator(self.iteration, self.global_rank)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self._sampling_contexts():
+                return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
+                                   gen, steps, "trajectory" if self.stores_trajectory else "final")
+        finally:
+            self.policy.train(was_training)
+
+    # ------------------------------------------------------------------ rewards / advantages
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Group-normalised advantages; with several processes the groups are gathered first."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            all_r = self.all_gather(rewards.to(self.device)).flatten().cpu()
+            all_g = self.all_gather(group_ids.to(self.device)).flatten().cpu()
+            adv = group_advantages(all_r, all_g, global_std=self.global_std)
+            n = rewards.shape[0]
+            return adv[self.global_rank * n:(self.global_rank + 1) * n]
+        return group_advantages(rewards.float(), group_ids, global_std=self.global_std)
+
+    # ------------------------------------------------------------------ training
+    def training_units(self, rollout: Rollout) -> list:
+        """The separately back-propagated pieces of one micro-batch's loss (trained steps, times ...)."""
+        return list(range(len(rollout.train_steps)))
+
+    def training_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, unit) -> dict[str, torch.Tensor]:
+        """Loss terms for samples ``idx`` of ``rollout`` on one training unit; ``loss`` is back-propagated."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        prompts, group_ids = batch["prompt"], batch["group_id"]
+        rollout = self.rollout(prompts)
+        rewards = self.reward_fn(rollout.images, prompts)
+        advantages = self.compute_advantages(rewards, group_ids.cpu()).to(self.device)
+        self._log_rewards(rewards)
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        n, micro = len(prompts), 0
+        logs: dict[str, list[torch.Tensor]] = {}
+        units = self.training_units(rollout)
+        for epoch in range(self.num_inner_epochs):
+            # The first epoch keeps the rollout's batching: on-policy log-probs reproduce exactly.
+            gen = self._generator(self.iteration, epoch, 104729)
+            order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
+            for sl in self._chunks(n):
+                idx = order[sl]
+                for unit in units:
+                    out = self.training_loss(rollout, advantages, idx, unit)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss {loss.item()} at iteration {self.iteration}; no update was made. "
+                            "Lower the learning rate or check the reward and the inputs."
+                        )
+                    self.manual_backward(loss / (len(units) * self.gradient_accumulation_steps))
+                    for k, v in out.items():
+                        logs.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+                micro += 1
+                if micro % self.gradient_accumulation_steps == 0:
+                    self._optimizer_step(optimizer, scheduler, logs)
+        if micro % self.gradient_accumulation_steps:
+            self._optimizer_step(optimizer, scheduler, logs)
+        self._log_train(logs)
+        self.iteration += 1
+
+    def _optimizer_step(self, optimizer, scheduler, logs):
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}; no update was made")
+        logs.setdefault("grad_norm", []).append(norm.detach().reshape(-1).cpu())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    def _log_rewards(self, rewards: torch.Tensor) -> None:
+        self.log("train/reward_mean", rewards.mean(), prog_bar=True, batch_size=len(rewards))
+        self.log("train/reward_std", rewards.std(unbiased=False), batch_size=len(rewards))
+        for name, terms in getattr(self.reward_fn, "last_terms", {}).items():
+            if len(self.reward_fn.last_terms) > 1:
+                self.log(f"train/reward_{name}", terms.mean(), batch_size=len(rewards))
+
+    def _log_train(self, logs: dict[str, list[torch.Tensor]]) -> None:
+        for key, values in logs.items():
+            v = torch.cat(values)
+            if key == "ratio":
+                self.log("train/ratio_mean", v.mean())
+                self.log("train/ratio_min", v.min())
+                self.log("train/ratio_max", v.max())
+            else:
+                self.log(f"train/{key}", v.mean(), prog_bar=key == "loss")
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/iteration", float(self.iteration))
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch, batch_idx):
+        prompts = batch["prompt"]
+        cfg = self.eval_config
+        h, w = _hw(cfg.resolution or [self.height, self.width])
+        gen = self._generator(cfg.seed, batch_idx, self.global_rank, 7919)
+        out = self.sample(prompts, h, w, cfg.num_inference_steps or self.num_inference_steps,
+                          self.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale, gen)
+        rewards = self.reward_fn(out.images, prompts)
+        self._update_val_metrics(out.images, prompts, rewards)
+        return out
+
+    def _update_val_metrics(self, images, prompts, rewards):
+        self.val_metrics["reward"].update(rewards.to(self.device))
+        for name, reward in getattr(self.reward_fn, "rewards", {}).items():
+            if not hasattr(reward, "evaluate"):
+                continue
+            for verdict in reward.evaluate(images, prompts):
+                key = f"{name}_acc_{verdict.category}"
+                if key not in self.val_metrics:
+                    self.val_metrics[key] = MeanMetric().to(self.device)
+                self.val_metrics[key].update(torch.tensor(float(verdict.correct), device=self.device))
+
+    def on_validation_epoch_end(self):
+        by_reward: dict[str, list[torch.Tensor]] = {}
+        for key, metric in self.val_metrics.items():
+            if not metric.update_called:
+                continue
+            value = metric.compute()
+            self.log(f"val/{key}", value, sync_dist=False)
+            if "_acc_" in key:
+                by_reward.setdefault(key.split("_acc_")[0], []).append(value)
+            metric.reset()
+        for name, values in by_reward.items():
+            self.log(f"val/{name}_acc_overall", torch.stack(values).mean(), prog_bar=True)

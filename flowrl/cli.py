@@ -1,0 +1,83 @@
+"""``flowrl fit --config lightning_configs/....yaml``: a LightningCLI whose model class is picked by
+``trainer_type`` (grpo, grpo-guard, nft, awm), as in the configs users already have."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from flowrl.algorithms import ALGORITHMS
+from flowrl.data import PromptDataModule
+
+DEFAULT_TRAINER_TYPE = "grpo"
+
+TRAINER_DEFAULTS = {
+    "use_distributed_sampler": False,  # flowrl's group sampler shards whole groups itself
+    "log_every_n_steps": 1,
+    "logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+    ],
+}
+
+
+def _flag_value(args: Sequence[str], flag: str) -> list[str]:
+    values = []
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif a.startswith(flag + "="):
+            values.append(a.split("=", 1)[1])
+    return values
+
+
+def trainer_type_from_args(args: Sequence[str]) -> str:
+    """``--trainer_type X`` wins; else the last ``--config`` that sets ``trainer_type``; else grpo."""
+    explicit = _flag_value(args, "--trainer_type")
+    found = explicit[-1] if explicit else None
+    if found is None:
+        for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
+            text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            if isinstance(data, dict) and "trainer_type" in data:
+                found = data["trainer_type"]
+    found = found or DEFAULT_TRAINER_TYPE
+    if found not in ALGORITHMS:
+        raise SystemExit(f"error: trainer_type {found!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+    return found
+
+
+class FlowRLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--trainer_type",
+            choices=sorted(ALGORITHMS),
+            default=DEFAULT_TRAINER_TYPE,
+            help="The algorithm: grpo, grpo-guard, nft or awm (selects the model class).",
+        )
+        parser.link_arguments("model.group_size", "data.group_size")
+
+
+def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    trainer_type = trainer_type_from_args(argv)
+    return FlowRLCLI(
+        ALGORITHMS[trainer_type],
+        PromptDataModule,
+        args=argv,
+        run=run,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Prompt data: datasets from a txt/jsonl file or an inline list, and group sampling.
+
+A training batch holds ``batch_size`` samples = ``batch_size / group_size`` prompts, each repeated
+``group_size`` times in a row; a group never straddles two batches or two processes, so group
+statistics (advantages) can be computed on each process without communication.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+PromptSource = str | list[str]
+
+
+def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
+    """A list of prompts from an inline list, a ``.txt`` file (one per line) or a ``.jsonl`` file
+    (one object per line with a ``"prompt"`` field). Special names ``toy:train`` / ``toy:heldout``."""
+    if isinstance(source, (list, tuple)):
+        prompts = [str(p) for p in source]
+        origin = "the inline list"
+    else:
+        path = _resolve_prompt_path(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}: prompt file {path!r} does not exist; give a .txt or .jsonl path or an inline list")
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if path.endswith(".jsonl"):
+            prompts = []
+            for i, line in enumerate(lines):
+                record = json.loads(line)
+                if "prompt" not in record:
+                    raise ValueError(f"{name}: line {i + 1} of {path} has no 'prompt' field")
+                prompts.append(str(record["prompt"]))
+        else:
+            prompts = lines
+        origin = path
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError(f"{name}: {origin} holds no prompts; add at least one non-empty line")
+    return prompts
+
+
+def _resolve_prompt_path(source: str) -> str:
+    if source in ("toy:train", "toy:heldout"):
+        from flowrl.toy import TOY_HELDOUT_PROMPTS, TOY_TRAIN_PROMPTS
+
+        return str(TOY_TRAIN_PROMPTS if source == "toy:train" else TOY_HELDOUT_PROMPTS)
+    return os.path.expanduser(source)
+
+
+class PromptDataset(Dataset):
+    """Indexed by ``(prompt_index, group_id)`` pairs from a group sampler, or by a plain int."""
+
+    def __init__(self, prompts: Sequence[str]):
+        self.prompts = list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, key):
+        index, group = key if isinstance(key, tuple) else (key, key)
+        return {"prompt": self.prompts[index], "prompt_index": index, "group_id": group}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    return {
+        "prompt": [it["prompt"] for it in items],
+        "prompt_index": torch.tensor([it["prompt_index"] for it in items], dtype=torch.long),
+        "group_id": torch.tensor([it["group_id"] for it in items], dtype=torch.long),
+    }
+
+
+class GroupBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields per-process batches of ``(prompt_index, group_id)``: whole groups of ``group_size``.
+
+    Every epoch the prompt order is reshuffled from ``seed + epoch`` (identical on all processes);
+    each global batch takes ``world_size * prompts_per_batch`` prompts and this process its own
+    slice. Group ids are unique within a global batch (``rank * prompts_per_batch + j``) so they
+    stay distinct after gathering across processes. The last batch wraps around to stay full.
+    """
+
+    def __init__(self, num_prompts: int, group_size: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        validate_group_batch(group_size, batch_size)
+        self.num_prompts, self.group_size = num_prompts, group_size
+        self.prompts_per_batch = batch_size // group_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_prompts / (self.prompts_per_batch * self.world_size))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_prompts, generator=g).tolist()
+        else:
+            order = list(range(self.num_prompts))
+        per_global = self.prompts_per_batch * self.world_size
+        order = order + order * math.ceil(max(0, len(self) * per_global - len(order)) / len(order))
+        for b in range(len(self)):
+            chunk = order[b * per_global:(b + 1) * per_global]
+            start = self.rank * self.prompts_per_batch
+            batch = []
+            for j, index in enumerate(chunk[start:start + self.prompts_per_batch]):
+                batch += [(index, start + j)] * self.group_size
+            yield batch
+        self.epoch += 1
+
+
+def validate_group_batch(group_size: int, batch_size: int) -> None:
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 samples per prompt; set group_size >= 2")
+    if batch_size < group_size or batch_size % group_size:
+        lower = max(group_size, batch_size // group_size * group_size)
+        raise ValueError(
+            f"batch_size={batch_size} does not divide into whole groups of group_size={group_size}; "
+            f"use a multiple of {group_size} (e.g. {lower} or {lower + group_size})"
+        )
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Training prompts in whole groups; validation prompts ``val_samples_per_prompt`` times each.
+
+    ``batch_size`` counts samples per process and training step (``group_size`` per prompt).
+    """
+
+    def __init__(
+        self,
+        train_prompts: PromptSource,
+        val_prompts: PromptSource | None = None,
+        group_size: int = 8,
+        batch_size: int = 16,
+        val_batch_size: int = 16,
+        val_samples_per_prompt: int = 1,
+        max_val_prompts: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        validate_group_batch(group_size, batch_size)
+        self.train_prompts = load_prompts(train_prompts, "data.train_prompts")
+        self.val_prompts = load_prompts(val_prompts, "data.val_prompts") if val_prompts is not None else None
+        if self.val_prompts is not None and max_val_prompts is not None:
+            self.val_prompts = self.val_prompts[:max_val_prompts]
+        self.group_size, self.batch_size = group_size, batch_size
+        self.val_batch_size, self.val_samples_per_prompt = val_batch_size, val_samples_per_prompt
+        self.seed, self.num_workers = seed, num_workers
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = GroupBatchSampler(len(self.train_prompts), self.group_size, self.batch_size, True, self.seed, rank, world)
+        return DataLoader(PromptDataset(self.train_prompts), batch_sampler=sampler, collate_fn=collate_prompts,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_prompts is None:
+            return []
+        rank, world = self._rank_world()
+        keys = [(i, i) for i in range(len(self.val_prompts)) for _ in range(self.val_samples_per_prompt)]
+        keys = keys[rank::world]
+        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.val_batch_size, sampler=keys,
+                          collate_fn=collate_prompts, num_workers=self.num_workers)

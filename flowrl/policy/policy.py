@@ -1,0 +1,220 @@
+"""``FlowMatchingPolicy``: one diffusers pipeline seen as a trainable velocity field."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from flowrl.policy.adapter import Conditioning, adapter_for
+
+FINETUNE_TYPES = ("lora", "full")
+TOY_MODEL_ALIAS = "flowrl:toy"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``flowrl:toy`` is the tiny model shipped in the package; anything else is a hub id or a path."""
+    if name_or_path == TOY_MODEL_ALIAS:
+        from flowrl.toy import TOY_CHECKPOINT
+
+        return str(TOY_CHECKPOINT)
+    return name_or_path
+
+
+def _is_local_path(name: str) -> bool:
+    """A hub id is exactly ``org/name``; anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x``) is local."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.isdir(name)
+
+
+@dataclass
+class PolicyConfig:
+    """How to build the policy: a diffusers pipeline and which of its parameters train.
+
+    ``pretrained_model_name_or_path`` is a hub id (``stabilityai/stable-diffusion-3.5-medium``), a local
+    directory written by ``save_pretrained``, or ``flowrl:toy`` for the shipped toy model.
+    """
+
+    pretrained_model_name_or_path: str
+    finetune_type: str = "lora"
+    lora_rank: int = 32
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    max_sequence_length: int | None = None
+    frozen_dtype: str = "float32"
+    revision: str | None = None
+    variant: str | None = None
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.finetune_type not in FINETUNE_TYPES:
+            raise ValueError(f"finetune_type={self.finetune_type!r}; choose one of {FINETUNE_TYPES}")
+        if self.finetune_type == "lora" and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
+        path = resolve_model_path(self.pretrained_model_name_or_path)
+        if _is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(
+                f"model path {path!r} does not exist; set policy.pretrained_model_name_or_path to a directory "
+                "written by save_pretrained, a hub id such as 'stabilityai/stable-diffusion-3.5-medium', "
+                f"or {TOY_MODEL_ALIAS!r} for the shipped toy model"
+            )
+
+
+def _load_pipeline(config: PolicyConfig):
+    from diffusers import DiffusionPipeline
+
+    path = os.path.expanduser(resolve_model_path(config.pretrained_model_name_or_path))
+    kwargs = {"revision": config.revision, "variant": config.variant}
+    index = DiffusionPipeline.load_config(path, revision=config.revision)
+    # Components saved as null (e.g. an SD3 without T5) must be passed as None explicitly.
+    none_components = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    return DiffusionPipeline.from_pretrained(path, **none_components, **kwargs)
+
+
+class FlowMatchingPolicy(nn.Module):
+    """A flow-matching text-to-image (or video) model as an RL policy.
+
+    Holds the trained denoiser (``self.transformer``) and the frozen components (VAE, text
+    encoders) as submodules so they move with the Lightning module; the pipeline's scheduler gives
+    the sampling noise levels. Only ``trainable_parameters()`` receive gradients.
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        finetune_type: str = "lora",
+        lora_rank: int = 32,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        target_modules: Sequence[str] | None = None,
+        max_sequence_length: int | None = None,
+        frozen_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if finetune_type not in FINETUNE_TYPES:
+            raise ValueError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
+        self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length)
+        self.pipeline = pipeline
+        self.finetune_type = finetune_type
+        self.transformer = self.adapter.denoiser
+        self.frozen = nn.ModuleDict(
+            {n: getattr(pipeline, n) for n in self.adapter.frozen_components if getattr(pipeline, n, None) is not None}
+        )
+        self.frozen.requires_grad_(False).eval()
+        self.frozen.to(getattr(torch, frozen_dtype))
+        self.transformer.requires_grad_(finetune_type == "full")
+        if finetune_type == "lora":
+            self._add_lora(lora_rank, lora_alpha or lora_rank, lora_dropout, target_modules)
+        if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
+            self.transformer.enable_gradient_checkpointing()
+        self._null_cond: Conditioning | None = None
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig) -> FlowMatchingPolicy:
+        kwargs = asdict(config)
+        for key in ("pretrained_model_name_or_path", "revision", "variant"):
+            kwargs.pop(key)
+        return cls(_load_pipeline(config), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> FlowMatchingPolicy:
+        return cls.from_config(PolicyConfig(pretrained_model_name_or_path, **kwargs))
+
+    # ------------------------------------------------------------------ parameters
+    def _add_lora(self, rank: int, alpha: float, dropout: float, targets: Sequence[str] | None) -> None:
+        from peft import LoraConfig
+
+        names = [n for n, _ in self.transformer.named_modules()]
+        exists = lambda t: any(n == t or n.endswith("." + t) for n in names)  # noqa: E731
+        if targets is None:  # the family's defaults, as far as this (maybe truncated) model has them
+            targets = [t for t in self.adapter.default_lora_targets if exists(t)]
+        missing = [t for t in targets if not exists(t)]
+        if missing:
+            raise ValueError(
+                f"LoRA target_modules {missing} match no module of {type(self.transformer).__name__}; "
+                f"defaults for this model are {list(self.adapter.default_lora_targets)}"
+            )
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights="gaussian"
+        )
+        self.transformer.add_adapter(config)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.transformer.parameters() if p.requires_grad)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The base model: LoRA switched off (the KL reference without a copy). Full fine-tuning: error."""
+        if self.finetune_type != "lora":
+            raise RuntimeError("adapter_disabled() needs finetune_type='lora'; full fine-tuning keeps a reference copy")
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.frozen.eval()  # frozen parts never switch to train mode (dropout etc.)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ------------------------------------------------------------------ model calls
+    def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
+        with torch.no_grad():
+            return self.adapter.encode_prompt(list(prompts), self.device)
+
+    def null_condition(self, batch_size: int) -> Conditioning:
+        """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""
+        if self._null_cond is None or next(iter(self._null_cond.values())).device != self.device:
+            self._null_cond = self.encode_prompt([""])
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._null_cond.items()}
+
+    def check_resolution(self, height: int, width: int) -> None:
+        self.adapter.check_resolution(height, width)
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None):
+        shape = (batch_size, *self.adapter.latent_shape(height, width))
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        return self.adapter.sigmas(num_inference_steps, height, width)
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor | float,
+        cond: Conditioning,
+        guidance_scale: float = 1.0,
+        uncond: Conditioning | None = None,
+    ) -> torch.Tensor:
+        """Velocity in float32, with classifier-free guidance when ``guidance_scale > 1``.
+
+        The conditional branch keeps the autograd graph; the unconditional one runs without gradient.
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        sigma = sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
+        v = self.adapter.forward(self.transformer, latents, sigma, cond).float()
+        if guidance_scale > 1.0:
+            uncond = uncond if uncond is not None else self.null_condition(latents.shape[0])
+            with torch.no_grad():
+                v_u = self.adapter.forward(self.transformer, latents, sigma, uncond).float()
+            v = v_u + guidance_scale * (v - v_u)
+        return v
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.adapter.decode(latents)

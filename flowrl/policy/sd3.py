@@ -1,0 +1,92 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT transformer, CLIP-L + CLIP-G + optional T5, 16-channel VAE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter
+
+
+@register_adapter("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+class SD3Adapter(ModelAdapter):
+    default_lora_targets = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    )
+    frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, pipeline, max_sequence_length: int | None = None):
+        super().__init__(pipeline, max_sequence_length)
+        # With no T5 encoder loaded the T5 slot is left empty (0 tokens) instead of diffusers' 256 zero
+        # tokens; set max_sequence_length to reproduce the padding of a model trained that way.
+        if max_sequence_length is None:
+            self.max_sequence_length = 256 if pipeline.text_encoder_3 is not None else 0
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
+        if height % multiple or width % multiple:
+            raise ValueError(f"resolution {height}x{width} is not a multiple of {multiple} (VAE factor x patch size)")
+        limit = self.pipeline.transformer.config.pos_embed_max_size * multiple
+        if height > limit or width > limit:
+            raise ValueError(f"resolution {height}x{width} exceeds this transformer's positional table ({limit} px)")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (self.pipeline.transformer.config.in_channels, height // f, width // f)
+
+    def forward(self, denoiser, latents, sigma, cond):
+        param = next(denoiser.parameters())
+        return denoiser(
+            hidden_states=latents.to(param.dtype),
+            timestep=(sigma * 1000).to(param.dtype),
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_projections"],
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        z = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.sample()
+        return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        if scheduler.config.get("use_dynamic_shifting", False):
+            f = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
+            seq_len = (height // f) * (width // f)
+            cfg = scheduler.config
+            m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+            mu = seq_len * m + cfg.base_shift - m * cfg.base_image_seq_len
+            scheduler.set_timesteps(num_inference_steps, mu=mu)
+        else:
+            scheduler.set_timesteps(num_inference_steps)
+        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from flowrl.policy import FlowMatchingPolicy, PolicyConfig
+from flowrl.toy.pipeline import build_tiny_sd3_pipeline
+
+
+def test_tiny_pipeline_roundtrip_through_from_pretrained(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full")
+    assert isinstance(policy.pipeline, StableDiffusion3Pipeline)
+    assert policy.pipeline.text_encoder_3 is None
+    reference = build_tiny_sd3_pipeline(seed=0, sample_size=16, num_layers=1, vae_channels=8)
+    for (n, a), (_, b) in zip(policy.transformer.state_dict().items(), reference.transformer.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_encode_latents_velocity_decode_shapes(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2)
+    cond = policy.encode_prompt(["a red circle", "two squares"])
+    assert cond["prompt_embeds"].shape[0] == 2 and cond["pooled_projections"].shape == (2, 64)
+    x = policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(x, policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0)))
+    v = policy.velocity(x, torch.tensor([0.9, 0.5]), cond, guidance_scale=3.0)
+    assert v.dtype == torch.float32 and v.shape == x.shape and v.requires_grad
+    images = policy.decode(x)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    sigmas = policy.sigmas(5, 16, 16)
+    assert sigmas.shape == (6,) and sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
+
+
+def test_guidance_combines_branches_and_uncond_has_no_grad(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full")
+    cond = policy.encode_prompt(["a red circle"])
+    x = torch.randn(1, 4, 16, 16)
+    v_c = policy.velocity(x, 0.7, cond, 1.0)
+    v_u = policy.velocity(x, 0.7, policy.null_condition(1), 1.0)
+    v_g = policy.velocity(x, 0.7, cond, 4.0)
+    torch.testing.assert_close(v_g, v_u + 4.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+    # Gradient flows through the conditional branch only: d v_g / d(v_c) = 4.
+    param = next(policy.trainable_parameters())
+    (g_guided,) = torch.autograd.grad(v_g.sum(), param, allow_unused=True)
+    (g_cond,) = torch.autograd.grad(policy.velocity(x, 0.7, cond, 1.0).sum(), param)
+    torch.testing.assert_close(g_guided, 4.0 * g_cond, rtol=1e-3, atol=1e-5)
+
+
+def test_lora_trains_only_adapters_and_can_be_disabled(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=4)
+    names = [n for n, _ in policy.named_trainable_parameters()]
+    assert names and all("lora" in n for n in names)
+    assert not any(p.requires_grad for p in policy.frozen.parameters())
+    cond = policy.encode_prompt(["a red circle"])
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1)  # move the adapter away from its zero init
+    v_lora = policy.velocity(x, 0.5, cond)
+    with policy.adapter_disabled():
+        v_base = policy.velocity(x, 0.5, cond)
+    assert not torch.allclose(v_lora, v_base)
+    full = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full")
+    torch.testing.assert_close(v_base, full.velocity(x, 0.5, full.encode_prompt(["a red circle"])))
+
+
+def test_full_finetune_trains_the_whole_transformer(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full")
+    n_trainable = sum(p.numel() for p in policy.trainable_parameters())
+    assert n_trainable == sum(p.numel() for p in policy.transformer.parameters())
+    with pytest.raises(RuntimeError, match="finetune_type='lora'"):
+        with policy.adapter_disabled():
+            pass
+
+
+def test_bad_policy_config_names_the_fix(tiny_sd3_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PolicyConfig("./no/such/model")
+    with pytest.raises(ValueError, match="finetune_type"):
+        PolicyConfig(tiny_sd3_path, finetune_type="qlora")
+    with pytest.raises(ValueError, match="match no module"):
+        FlowMatchingPolicy.from_pretrained(tiny_sd3_path, target_modules=["not_a_layer"])
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2)
+    with pytest.raises(ValueError, match="multiple of"):
+        policy.check_resolution(15, 16)
