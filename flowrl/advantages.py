@@ -1,0 +1,91 @@
+"""Group-relative advantages (GRPO) and cross-process gathering of groups.
+
+For the ``G`` samples of one prompt (one *group*)::
+
+    A_i = (r_i - mean_group(r)) / (std + eps)
+
+where ``std`` is the group's std, or with ``global_std=True`` the std of the whole batch (all
+ranks once gathered). The std is the *population* std (``ddof = 0``, numpy's default, which the
+reference Flow-GRPO stat tracker uses), and ``eps = 1e-4`` as there. A group whose rewards are
+all equal gets advantage 0 (not nan); a group of one sample gets 0 too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["gather_groups", "group_advantages"]
+
+
+def _check_flat(rewards: Tensor, group_ids: Tensor) -> None:
+    if rewards.ndim != 1:
+        raise ValueError(
+            f"rewards must be a 1-D tensor (one scalar per sample), got shape {tuple(rewards.shape)}"
+        )
+    if group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"group_ids must have one id per reward: shapes {tuple(group_ids.shape)} vs {tuple(rewards.shape)}"
+        )
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, global_std: bool = False, eps: float = 1e-4
+) -> Tensor:
+    """Group-normalised advantages, float32, shape ``(N,)``.
+
+    ``A = (r - mean of r over the sample's group) / (std + eps)`` with the population std of the
+    sample's group, or of the whole batch when ``global_std`` is True. Computed in float64.
+
+    Args:
+        rewards: ``(N,)`` rewards.
+        group_ids: ``(N,)`` integer ids; samples sharing an id form one group (one prompt).
+        global_std: divide by the std of all ``N`` rewards instead of the group's std.
+        eps: added to the std.
+    """
+    _check_flat(rewards, group_ids)
+    r = rewards.detach().to(torch.float64)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
+    counts = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(
+        0, inverse, torch.ones_like(r)
+    )
+    sums = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, r)
+    group_mean = (sums / counts)[inverse]
+    centered = r - group_mean
+    if global_std:
+        std = r.std(unbiased=False) if r.numel() else r.new_zeros(())
+    else:
+        sq = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, centered**2)
+        std = torch.sqrt(sq / counts)[inverse]
+    return (centered / (std + eps)).to(torch.float32)
+
+
+def gather_groups(
+    rewards: Tensor, group_ids: Tensor, all_gather: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Gather the rewards and group ids of every process into flat tensors.
+
+    ``all_gather`` is a Lightning-style callable (``LightningModule.all_gather``): on ``W > 1``
+    processes it returns the ``(W, N, ...)`` stack of every rank's tensor, with one process it may
+    return the tensor unchanged; both are handled. Every rank must pass the same ``N``.
+
+    The result is rank-major: rank ``k``'s samples are ``[k * N, (k + 1) * N)``, so after
+    ``A = group_advantages(*gather_groups(...))`` a rank takes its own part with
+    ``A.view(W, N)[rank]`` (or ``A[rank * N:(rank + 1) * N]``).
+
+    Group ids must be globally unique: the same id on two ranks means the same group (e.g. a
+    global prompt index, as produced by a group-keeping sampler), and two different prompts must
+    never share an id across ranks (offset local ids by ``rank * groups_per_rank`` if needed).
+    """
+    _check_flat(rewards, group_ids)
+    gathered_r = all_gather(rewards)
+    gathered_g = all_gather(group_ids)
+    if gathered_r.ndim == rewards.ndim + 1:
+        gathered_r = gathered_r.reshape(-1)
+        gathered_g = gathered_g.reshape(-1)
+    if gathered_r.shape != gathered_g.shape:
+        raise ValueError("all_gather returned rewards and group ids of different shapes")
+    return gathered_r, gathered_g

@@ -1,0 +1,404 @@
+"""Per-step sampling dynamics of a flow-matching model: Flow-SDE, Dance-SDE, CPS and the Euler ODE.
+
+Conventions (shared by every dynamics here):
+
+* noise level ``s = sigma`` in [0, 1]; sampling runs from ``s = 1`` to ``s = 0``;
+  ``x_s = (1 - s) * x0 + s * eps`` and the model predicts the velocity ``v = eps - x0``;
+* ``dt = s' - s`` is negative (``s' = sigma_next``); the Euler (ODE) step is ``x + v * dt``;
+* a step returns ``prev_sample``, the Gaussian ``mean`` and ``std`` it was drawn from and the
+  log-probability of ``prev_sample``; log-probabilities are the MEAN over all non-batch dims;
+* all math runs in float32 whatever the input dtype, and float32 tensors are returned.
+
+Degenerate steps. Where a step's ``std`` is 0 (the ODE, ``noise_level = 0``, or CPS at
+``sigma_next = 0``) the step is deterministic: ``prev_sample = mean`` and the Gaussian log-prob is
+*defined* as 0 for that sample (a point mass has no finite density). GRPO never trains on such a
+step (see :class:`flowrl.dynamics.selection.StepSelector`, which by default leaves the last step
+out). Note that Flow-SDE and Dance-SDE still have ``std > 0`` on the last step (``sigma_next = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CPS",
+    "DYNAMICS",
+    "ODE",
+    "DanceSDE",
+    "FlowSDE",
+    "GeneratorLike",
+    "SDESchedulerMixin",
+    "StepOutput",
+    "SigmaLike",
+    "build_dynamics",
+    "gaussian_log_prob",
+]
+
+SigmaLike = float | Tensor
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """Result of one sampling step.
+
+    Attributes:
+        prev_sample: the next (less noisy) sample, float32, same shape as the input sample.
+        mean: mean of the step's Gaussian, float32, same shape as the sample.
+        std: standard deviation of the step's Gaussian, float32, shape ``(B, 1, ..., 1)``.
+        log_prob: ``(B,)`` float32 log-probability of ``prev_sample`` (mean over non-batch dims),
+            or ``None`` for the ODE.
+    """
+
+    prev_sample: Tensor
+    mean: Tensor
+    std: Tensor
+    log_prob: Tensor | None
+
+
+def _batch_sigma(sigma: SigmaLike, sample: Tensor) -> Tensor:
+    """Return ``sigma`` as a float32 tensor of shape ``(B, 1, ..., 1)`` on ``sample``'s device.
+
+    ``sigma`` may be a python float, a 0-dim tensor, a 1-element tensor or a per-sample ``(B,)``
+    tensor (or already ``(B, 1, ..., 1)``).
+    """
+    batch = sample.shape[0]
+    view = (batch,) + (1,) * (sample.ndim - 1)
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
+    if s.numel() == 1:
+        return s.reshape(1).expand(batch).reshape(view)
+    if s.numel() != batch:
+        raise ValueError(
+            f"sigma must be a scalar or have one value per sample ({batch}); got shape {tuple(s.shape)}"
+        )
+    return s.reshape(view)
+
+
+def _draw_noise(sample: Tensor, generator: GeneratorLike) -> Tensor:
+    """Draw standard normal float32 noise shaped like ``sample``.
+
+    ``generator`` may be ``None``, one ``torch.Generator`` or a list with one generator per sample
+    (each sample's noise then depends on its own generator only, so it is reproducible whatever
+    the batch composition). Noise is drawn on the generator's device and moved to the sample's.
+    """
+    shape = tuple(sample.shape)
+    if generator is None:
+        return torch.randn(shape, dtype=torch.float32, device=sample.device)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(shape, dtype=torch.float32, generator=generator, device=generator.device)
+        return noise.to(sample.device)
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(
+            f"got {len(generators)} generators for a batch of {shape[0]} samples; pass one per sample"
+        )
+    noise = [
+        torch.randn(shape[1:], dtype=torch.float32, generator=g, device=g.device).to(sample.device)
+        for g in generators
+    ]
+    return torch.stack(noise, dim=0)
+
+
+def _mean_over_dims(x: Tensor) -> Tensor:
+    """Mean over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Mean-over-dims Gaussian log-density, float32, shape ``(B,)``.
+
+    ``log_prob = mean_over_dims(-(x - mean)**2 / (2 std**2) - log(std) - log(sqrt(2 pi)))``.
+
+    Samples whose ``std`` is 0 get log_prob 0 (deterministic step; see the module docstring).
+    ``std`` must broadcast against ``x`` and be constant over the non-batch dims.
+    """
+    std = std.to(torch.float32)
+    zero = std <= 0
+    safe_std = torch.where(zero, torch.ones_like(std), std)
+    diff = x.to(torch.float32) - mean.to(torch.float32)
+    lp = -(diff**2) / (2.0 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
+    lp = torch.where(zero, torch.zeros_like(lp), lp)
+    return _mean_over_dims(lp)
+
+
+class SDESchedulerMixin:
+    """Interface of a per-step sampling rule.
+
+    Subclasses implement :meth:`_mean_std` (the step's Gaussian) and :meth:`std_dev_t` and may
+    override :meth:`_log_prob`. :meth:`step` handles dtype, sigma broadcasting, noise drawing
+    and scoring of a given ``prev_sample``.
+    """
+
+    name: str = "base"
+    is_stochastic: bool = True
+    noise_level: float = 0.0
+
+    # -- to implement ---------------------------------------------------------------------------
+    def _mean_std(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(mean, std)`` of the step for float32 ``x``, ``v`` and ``(B,1,..)`` sigmas."""
+        raise NotImplementedError
+
+    def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+        """The step's diffusion coefficient (float32), as used by x-based KL and GRPO-Guard."""
+        raise NotImplementedError
+
+    def _log_prob(self, prev: Tensor, mean: Tensor, std: Tensor) -> Tensor | None:
+        """Log-probability of ``prev`` under the step; Gaussian density by default."""
+        return gaussian_log_prob(prev, mean, std)
+
+    # -- shared ---------------------------------------------------------------------------------
+    def step(
+        self,
+        sample: Tensor,
+        velocity: Tensor,
+        sigma: SigmaLike,
+        sigma_next: SigmaLike,
+        noise: Tensor | None = None,
+        generator: GeneratorLike = None,
+        prev_sample: Tensor | None = None,
+    ) -> StepOutput:
+        """One step from noise level ``sigma`` to ``sigma_next``.
+
+        Args:
+            sample: current sample ``x`` at ``sigma``, shape ``(B, ...)``, any float dtype.
+            velocity: model velocity ``v`` at ``(x, sigma)``, same shape.
+            sigma, sigma_next: python floats, 0-dim tensors or per-sample ``(B,)`` tensors.
+            noise: standard normal noise to use instead of drawing it.
+            generator: ``torch.Generator`` or a list of per-sample generators for the draw.
+            prev_sample: if given, nothing is drawn: this sample is scored (its log-prob under
+                the step's Gaussian) and returned as ``prev_sample`` (as float32).
+
+        Returns:
+            :class:`StepOutput` with float32 tensors, ``prev = mean + std * noise``.
+
+        If the rollout stores ``prev_sample`` in a lower precision (bf16 latents), score the
+        stored (cast) sample with ``prev_sample=`` so that the rollout's log-prob is the one the
+        training pass recomputes, and the first on-policy ratio is exactly 1.
+        """
+        if sample.shape != velocity.shape:
+            raise ValueError(
+                f"sample {tuple(sample.shape)} and velocity {tuple(velocity.shape)} differ in shape"
+            )
+        x = sample.to(torch.float32)
+        v = velocity.to(torch.float32)
+        s = _batch_sigma(sigma, x)
+        s_next = _batch_sigma(sigma_next, x)
+        mean, std = self._mean_std(x, v, s, s_next)
+        if prev_sample is not None:
+            prev = prev_sample.to(device=x.device, dtype=torch.float32)
+        elif not self.is_stochastic:
+            prev = mean
+        else:
+            eps = (
+                _draw_noise(x, generator) if noise is None else noise.to(device=x.device, dtype=torch.float32)
+            )
+            # where std == 0 this is exactly the mean
+            prev = mean + std * eps
+        return StepOutput(prev_sample=prev, mean=mean, std=std, log_prob=self._log_prob(prev, mean, std))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(noise_level={self.noise_level})"
+
+
+def _check_noise_level(noise_level: float) -> float:
+    noise_level = float(noise_level)
+    if not math.isfinite(noise_level) or noise_level < 0:
+        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level}")
+    return noise_level
+
+
+class FlowSDE(SDESchedulerMixin):
+    """Flow-GRPO's SDE (reverse-time SDE with the same marginals as the flow ODE).
+
+    With ``a = noise_level``, ``dt = s' - s``::
+
+        std_dev_t = a * sqrt(s / (1 - s_den))        s_den = s, except where s == 1 (below)
+        mean      = x * (1 + std_dev_t**2 / (2 s) * dt) + v * (1 + std_dev_t**2 (1 - s) / (2 s)) * dt
+        std       = std_dev_t * sqrt(-dt)
+
+    computed as ``std_dev_t**2 / (2 s) = a**2 / (2 (1 - s_den))`` (exact algebra; finite at
+    ``s = 0`` and ``s = 1``).
+
+    The ``s == 1`` rule: ``1 - s`` vanishes, so the reference puts ``sigma_max = sigmas[1]`` (the
+    next-largest sigma of the schedule) in the denominator. If ``sigma_max`` is given here it is
+    used exactly like that. Otherwise ``s_den = sigma_next`` at ``s == 1``, which is the same
+    number on the first step of any schedule starting at 1 (there ``sigma_next = sigmas[1]``).
+    In both cases ``s_den`` is finally clamped to at most ``1 - 1e-3`` so a degenerate step
+    (``sigma = sigma_next = 1``) stays finite.
+
+    ``noise_level = 0`` gives exactly ``x + v * dt``.
+    """
+
+    name = "Flow-SDE"
+    is_stochastic = True
+    _MAX_S_DEN = 1.0 - 1e-3
+
+    def __init__(self, noise_level: float = 0.7, sigma_max: float | None = None) -> None:
+        self.noise_level = _check_noise_level(noise_level)
+        if sigma_max is not None and not 0.0 < float(sigma_max) < 1.0:
+            raise ValueError(
+                f"sigma_max must lie in (0, 1) (it is sigmas[1] of the schedule), got {sigma_max}"
+            )
+        self.sigma_max = None if sigma_max is None else float(sigma_max)
+
+    def _denominator_sigma(self, s: Tensor, s_next: Tensor) -> Tensor:
+        """``s_den``: ``s``, with ``sigma_max`` (or ``sigma_next``) where ``s == 1``, clamped below 1."""
+        at_one = s >= 1.0
+        replacement = torch.full_like(s, self.sigma_max) if self.sigma_max is not None else s_next
+        s_den = torch.where(at_one, replacement, s)
+        return s_den.clamp(max=self._MAX_S_DEN)
+
+    def _coefficient_sq_over_2s(self, s: Tensor, s_next: Tensor) -> Tensor:
+        """``std_dev_t**2 / (2 s) = a**2 / (2 (1 - s_den))``."""
+        return self.noise_level**2 / (2.0 * (1.0 - self._denominator_sigma(s, s_next)))
+
+    def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+        """``a * sqrt(s / (1 - s_den))`` (float32, shape of the broadcast sigmas)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32)
+        s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=s.device)
+        s, s_next = torch.broadcast_tensors(s, s_next)
+        return self.noise_level * torch.sqrt(s / (1.0 - self._denominator_sigma(s, s_next)))
+
+    def _mean_std(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
+        dt = s_next - s
+        c = self._coefficient_sq_over_2s(s, s_next)  # std_dev_t**2 / (2 s)
+        mean = x * (1.0 + c * dt) + v * ((1.0 + c * (1.0 - s)) * dt)
+        std = self.std_dev_t(s, s_next) * torch.sqrt((-dt).clamp(min=0.0))
+        return mean, std
+
+
+class DanceSDE(SDESchedulerMixin):
+    """DanceGRPO's SDE: constant diffusion coefficient ``eta = noise_level``.
+
+    ::
+
+        x0    = x - s * v
+        score = -(x - (1 - s) * x0) / s**2          (= -(x + (1 - s) v) / s, used here: finite as s -> 0)
+        mean  = x + v * dt - 0.5 * eta**2 * score * dt
+        std   = eta * sqrt(-dt)
+
+    Gaussian log-prob as Flow-SDE. ``noise_level = 0`` gives exactly ``x + v * dt``.
+    """
+
+    name = "Dance-SDE"
+    is_stochastic = True
+    _MIN_S = 1e-6
+
+    def __init__(self, noise_level: float = 0.3) -> None:
+        self.noise_level = _check_noise_level(noise_level)
+
+    @property
+    def eta(self) -> float:
+        return self.noise_level
+
+    def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+        """``eta`` (constant), broadcast to the sigmas' shape."""
+        s = torch.as_tensor(sigma, dtype=torch.float32)
+        s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=s.device)
+        s, _ = torch.broadcast_tensors(s, s_next)
+        return torch.full_like(s, self.noise_level)
+
+    def _mean_std(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
+        dt = s_next - s
+        score = -(x + (1.0 - s) * v) / s.clamp(min=self._MIN_S)
+        mean = x + v * dt - (0.5 * self.noise_level**2) * score * dt
+        std = self.noise_level * torch.sqrt((-dt).clamp(min=0.0))
+        return mean, std
+
+
+class CPS(SDESchedulerMixin):
+    """Coefficients-preserving sampling (FlowCPS), DDIM-like.
+
+    With ``a = noise_level``::
+
+        std  = s' * sin(a pi / 2)
+        x0   = x - s * v ;  x1 = x + (1 - s) * v
+        mean = (1 - s') * x0 + sqrt(s'**2 - std**2) * x1      (sqrt(...) = s' cos(a pi / 2), used here)
+        log_prob = -mean_over_dims((prev - mean)**2)           (no normaliser, as the reference)
+
+    If ``x0``/``x1`` are exact, ``prev = (1 - s') x0 + s' * (unit-variance noise)``: the noise
+    coefficient is preserved. ``std = 0`` at ``s' = 0`` (and for ``a = 0``, which gives the Euler
+    step). The un-normalised log-prob needs much smaller clip ranges (about 1e-5).
+    """
+
+    name = "CPS"
+    is_stochastic = True
+
+    def __init__(self, noise_level: float = 0.7) -> None:
+        noise_level = _check_noise_level(noise_level)
+        if noise_level > 1.0:
+            raise ValueError(
+                f"CPS noise_level must lie in [0, 1] (std = sigma_next * sin(a pi/2)), got {noise_level}"
+            )
+        self.noise_level = noise_level
+
+    def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+        """``s' * sin(a pi / 2)``: the step std itself (as the reference returns it)."""
+        s_next = torch.as_tensor(sigma_next, dtype=torch.float32)
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=s_next.device)
+        _, s_next = torch.broadcast_tensors(s, s_next)
+        return s_next * math.sin(self.noise_level * math.pi / 2.0)
+
+    def _mean_std(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
+        angle = self.noise_level * math.pi / 2.0
+        std = s_next * math.sin(angle)
+        x0 = x - s * v
+        x1 = x + (1.0 - s) * v
+        mean = (1.0 - s_next) * x0 + (s_next * math.cos(angle)) * x1
+        return mean, std
+
+    def _log_prob(self, prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        return _mean_over_dims(-((prev - mean) ** 2))
+
+
+class ODE(SDESchedulerMixin):
+    """Deterministic Euler step ``prev = mean = x + v * dt``, ``std = 0``, no log-prob.
+
+    Only decoupled algorithms (NFT, AWM) may sample with it.
+    """
+
+    name = "ODE"
+    is_stochastic = False
+
+    def __init__(self, noise_level: float = 0.0) -> None:
+        # accepted (and ignored) so that every dynamics is built the same way from a config
+        self.noise_level = _check_noise_level(noise_level)
+
+    def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
+        """Always 0."""
+        s = torch.as_tensor(sigma, dtype=torch.float32)
+        s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=s.device)
+        s, _ = torch.broadcast_tensors(s, s_next)
+        return torch.zeros_like(s)
+
+    def _mean_std(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
+        return x + v * (s_next - s), torch.zeros_like(s)
+
+    def _log_prob(self, prev: Tensor, mean: Tensor, std: Tensor) -> None:
+        return None
+
+
+DYNAMICS: dict[str, type[SDESchedulerMixin]] = {
+    "Flow-SDE": FlowSDE,
+    "Dance-SDE": DanceSDE,
+    "CPS": CPS,
+    "ODE": ODE,
+}
+
+
+def build_dynamics(dynamics_type: str, noise_level: float | None = None) -> SDESchedulerMixin:
+    """Build a dynamics by its config name (``dynamics_type``); ``noise_level`` None = its default."""
+    try:
+        cls = DYNAMICS[dynamics_type]
+    except KeyError:
+        raise ValueError(
+            f"unknown dynamics_type {dynamics_type!r}; choose one of {', '.join(map(repr, DYNAMICS))}"
+        ) from None
+    return cls() if noise_level is None else cls(noise_level=noise_level)
