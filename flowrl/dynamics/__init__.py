@@ -11,15 +11,21 @@ from flowrl.dynamics.sde import (
     build_dynamics,
     gaussian_log_prob,
 )
+from flowrl.dynamics.selection import StepSelector
+from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times, shift_sigma
 
 __all__ = [
     "CPS",
     "DYNAMICS",
     "ODE",
+    "TIME_SAMPLING_STRATEGIES",
     "DanceSDE",
     "FlowSDE",
     "SDESchedulerMixin",
     "StepOutput",
+    "StepSelector",
     "build_dynamics",
     "gaussian_log_prob",
+    "sample_train_times",
+    "shift_sigma",
 ]
