@@ -448,3 +448,32 @@ def test_cpu_average_of_gpu_model(tmp_path):
     with ema.swapped(model):
         assert model.layer.weight.device.type == "cuda"
         assert torch.equal(model.layer.weight.detach().cpu(), ema.averaged_parameters["layer.weight"])
+
+
+def test_validate_from_checkpoint_uses_the_saved_average(tmp_path):
+    _, _, ema = _fit(tmp_path / "a", 4, save_every_epoch=True)
+    saved = {k: v.clone() for k, v in ema.averaged_parameters.items()}
+    model, fresh = (
+        Regression(),
+        EMA(ema_decay=0.9, ema_decay_schedule="power", warmup_steps=2, ema_update_interval=2),
+    )
+    trainer = _trainer(tmp_path / "b", fresh, max_steps=1, limit_val_batches=1)
+    trainer.validate(model, _data(), ckpt_path=tmp_path / "a" / "epoch=0.ckpt", verbose=False)
+    seen, avg = model.val_seen[0]
+    for n, t in saved.items():
+        assert torch.equal(avg[n], t) and torch.equal(seen[n], t)
+    assert not torch.equal(model.layer.weight.detach(), saved["layer.weight"])  # live weights restored
+
+
+def test_callbacks_package_needs_only_torch_and_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, lightning.pytorch; "
+        "before = {m.split('.')[0] for m in sys.modules}; "
+        "import callbacks; "
+        "new = {m.split('.')[0] for m in sys.modules} - before; "
+        "assert new == {'callbacks'}, new"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
