@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 
 import lightning as L
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from flowrl.advantages import group_advantages
-from flowrl.dynamics import ODE, StepSelector, build_dynamics
+from flowrl.dynamics import ODE, build_dynamics
+from flowrl.dynamics.selection import StepSelector
 from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
 from flowrl.rewards import RewardSpec, WeightedReward
 
@@ -101,10 +102,10 @@ class FlowRLModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "policy"] if isinstance(policy, FlowMatchingPolicy) else ["optimizer", "lr_scheduler"])
+        self._save_plain_hyperparameters(policy, rewards)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trained parameters
-        self.eval_config = eval or EvalConfig()
+        self.eval_config = EvalConfig(**eval) if isinstance(eval, dict) else (eval or EvalConfig())
         self.group_size = group_size
         self.height, self.width = _hw(resolution)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
@@ -128,6 +129,8 @@ class FlowRLModule(L.LightningModule):
         self.reward_fn = rewards if callable(rewards) else WeightedReward.from_specs(
             rewards or [RewardSpec("jpeg_compressibility")]
         )
+        if isinstance(policy, dict):
+            policy = PolicyConfig(**policy)
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
         eval_h, eval_w = _hw(self.eval_config.resolution or [self.height, self.width])
@@ -137,6 +140,16 @@ class FlowRLModule(L.LightningModule):
             for category in getattr(reward, "categories", ()):
                 self.val_metrics[f"{name}_acc_{category}"] = MeanMetric()
         self.iteration = 0
+
+    def _save_plain_hyperparameters(self, policy, rewards) -> None:
+        """Hyper-parameters as plain data (checkpoints then load with ``weights_only=True``)."""
+        ignore = ["optimizer", "lr_scheduler"]
+        ignore += ["policy"] if isinstance(policy, FlowMatchingPolicy) else []
+        ignore += ["rewards"] if callable(rewards) else []
+        self.save_hyperparameters(ignore=ignore, logger=False)
+        plain = lambda v: asdict(v) if is_dataclass(v) else [plain(x) for x in v] if isinstance(v, list) else v  # noqa: E731
+        for key in list(self.hparams):
+            self.hparams[key] = plain(self.hparams[key])
 
     def _validate_common(self, group_size, num_inner_epochs, accumulation, train_batch_size):
         if group_size < 2:

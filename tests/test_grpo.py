@@ -1,0 +1,111 @@
+import lightning as L
+import pytest
+import torch
+
+from flowrl.algorithms import GRPO
+from flowrl.data import PromptDataModule
+from flowrl.policy import PolicyConfig
+from flowrl.rewards import RewardSpec
+
+
+def make_grpo(path, **kw):
+    args = dict(
+        policy=PolicyConfig(path, lora_rank=4),
+        rewards=[RewardSpec("jpeg_incompressibility")],
+        group_size=2,
+        resolution=16,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        train_batch_size=2,
+        clip_range=1e-2,
+    )
+    args.update(kw)
+    return GRPO(**args)
+
+
+@pytest.mark.parametrize("dynamics_type", ["Flow-SDE", "Dance-SDE", "CPS"])
+def test_on_policy_ratio_is_exactly_one(tiny_sd3_path, dynamics_type):
+    module = make_grpo(tiny_sd3_path, dynamics_type=dynamics_type, noise_level=0.5)
+    with torch.no_grad():  # a non-zero LoRA so the check is not trivially about the base weights
+        for p in module.policy.trainable_parameters():
+            p.normal_(0, 0.05)
+    prompts = ["a red circle"] * 2 + ["two squares"] * 2
+    rollout = module.rollout(prompts)
+    assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for sl in module._chunks(4):
+        idx = torch.arange(4)[sl]
+        for k in module.training_units(rollout):
+            out = module.training_loss(rollout, advantages, idx, k)
+            assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
+
+
+def test_stored_trajectory_matches_odes_outside_trained_steps(tiny_sd3_path):
+    module = make_grpo(tiny_sd3_path, train_steps=[1], num_train_steps=1)
+    rollout = module.rollout(["a red circle", "a red circle"])
+    assert rollout.train_steps == [1] and rollout.latents.shape[1] == 1
+    assert rollout.images.shape == (2, 3, 16, 16)
+    # Identical noise seeds but different prompts lead to different samples.
+    assert not torch.equal(rollout.next_latents[0], rollout.next_latents[1])
+
+
+def test_fit_runs_grpo_steps_and_logs(tiny_sd3_path, prompt_file, tmp_path):
+    module = make_grpo(tiny_sd3_path, num_inner_epochs=2, gradient_accumulation_steps=1)
+    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+    dm = PromptDataModule(prompt_file, val_prompts=["a red circle", "a cat"], group_size=2, batch_size=4, val_batch_size=2)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, log_every_n_steps=1, limit_val_batches=1, val_check_interval=1,
+                        use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    # 4 samples / train_batch_size 2 = 2 micro-batches per epoch, 2 epochs: 4 optimizer steps per iteration.
+    assert trainer.global_step == 4 and module.iteration == 1
+    changed = [n for n, p in module.policy.named_trainable_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    metrics = trainer.logged_metrics
+    for key in ["train/reward_mean", "train/reward_std", "train/ratio_mean", "train/ratio_min", "train/ratio_max",
+                "train/clip_fraction", "train/approx_kl", "train/loss", "train/lr", "train/grad_norm", "val/reward"]:
+        assert key in metrics, key
+    assert (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").exists()
+
+
+def test_checkpoint_holds_only_trained_parameters_and_resumes(tiny_sd3_path, prompt_file, tmp_path):
+    module = make_grpo(tiny_sd3_path)
+    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["state_dict"] and all("lora" in k for k in state["state_dict"])
+    assert state["flowrl_iteration"] == 1
+    resumed = make_grpo(tiny_sd3_path)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, use_distributed_sampler=False)
+    trainer.fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    # max_steps is checked between iterations; each iteration here makes 2 optimizer steps.
+    assert resumed.iteration == 2 and trainer.global_step == 4
+
+
+def test_configuration_errors_before_any_work(tiny_sd3_path):
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        make_grpo(tiny_sd3_path, group_size=1)
+    with pytest.raises(ValueError, match="decoupled trainer"):
+        make_grpo(tiny_sd3_path, dynamics_type="ODE")
+    with pytest.raises(ValueError, match="multiple of"):
+        make_grpo(tiny_sd3_path, resolution=15)
+
+
+def test_non_finite_reward_stops_before_an_update(tiny_sd3_path, prompt_file):
+    from flowrl.rewards import WeightedReward
+
+    bad = WeightedReward({"nan": lambda images, prompts: torch.full((len(prompts),), float("nan"))}, {"nan": 1.0})
+    module = make_grpo(tiny_sd3_path, rewards=bad)
+    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.fit(module, datamodule=dm)
+    assert all(torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
