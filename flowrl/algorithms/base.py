@@ -7,7 +7,6 @@ dynamics are allowed (``needs_log_prob``) and how to turn stored data into a los
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from callbacks import enter_sampling_contexts
 from flowrl.advantages import group_advantages
 from flowrl.dynamics import ODE, build_dynamics
 from flowrl.dynamics.selection import StepSelector
@@ -33,6 +33,10 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     if len(resolution) != 2:
         raise ValueError(f"resolution must be an int or [height, width], got {resolution!r}")
     return int(resolution[0]), int(resolution[1])
+
+
+def _stack_steps(per_step: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(per_step, 1) if per_step else None
 
 
 @dataclass
@@ -192,15 +196,6 @@ class FlowRLModule(L.LightningModule):
         key = zlib.crc32(repr((self.seed, *salt)).encode())
         return torch.Generator().manual_seed(key)
 
-    def _sampling_contexts(self) -> contextlib.ExitStack:
-        """Enter every callback's ``sampling_context`` (e.g. EMA weights for off-policy rollouts)."""
-        stack = contextlib.ExitStack()
-        trainer = self._trainer
-        for cb in (trainer.callbacks if trainer is not None else []):
-            if hasattr(cb, "sampling_context"):
-                stack.enter_context(cb.sampling_context(trainer, self))
-        return stack
-
     def _chunks(self, n: int) -> list[slice]:
         size = self.train_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -250,9 +245,8 @@ class FlowRLModule(L.LightningModule):
                     means.append(torch.cat([o.mean for o in outs]))
             x = x_next
         images = torch.cat([policy.decode(x[sl]) for sl in self._chunks(n)])
-        stack = (lambda xs: torch.stack(xs, 1) if xs else None)
-        return Rollout(list(prompts), cond, sigmas, trained, stack(lat), stack(nxt), stack(lps), stack(means), x,
-                       images)
+        return Rollout(list(prompts), cond, sigmas, trained, _stack_steps(lat), _stack_steps(nxt), _stack_steps(lps),
+                       _stack_steps(means), x, images)
 
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         steps = self.step_selector.select(self.iteration)
@@ -260,7 +254,7 @@ class FlowRLModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            with self._sampling_contexts():
+            with enter_sampling_contexts(self._trainer, self):
                 return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
                                    gen, steps, "trajectory" if self.stores_trajectory else "final")
         finally:
@@ -365,7 +359,7 @@ class FlowRLModule(L.LightningModule):
                           self.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale, gen)
         rewards = self.reward_fn(out.images, prompts)
         self._update_val_metrics(out.images, prompts, rewards)
-        return out
+        return {"images": out.images, "prompts": list(prompts), "rewards": rewards}
 
     def _update_val_metrics(self, images, prompts, rewards):
         self.val_metrics["reward"].update(rewards.to(self.device))
@@ -379,14 +373,20 @@ class FlowRLModule(L.LightningModule):
                 self.val_metrics[key].update(torch.tensor(float(verdict.correct), device=self.device))
 
     def on_validation_epoch_end(self):
+        """Logs ``val/reward`` and, for verifier rewards, per-category and overall accuracy (the mean
+        over categories, as GenEval). Also kept in ``last_validation_metrics``, including for the
+        sanity-check run before training (Lightning does not log that one)."""
+        values: dict[str, torch.Tensor] = {}
         by_reward: dict[str, list[torch.Tensor]] = {}
         for key, metric in self.val_metrics.items():
             if not metric.update_called:
                 continue
-            value = metric.compute()
-            self.log(f"val/{key}", value, sync_dist=False)
+            values[f"val/{key}"] = metric.compute()
             if "_acc_" in key:
-                by_reward.setdefault(key.split("_acc_")[0], []).append(value)
+                by_reward.setdefault(key.split("_acc_")[0], []).append(values[f"val/{key}"])
             metric.reset()
-        for name, values in by_reward.items():
-            self.log(f"val/{name}_acc_overall", torch.stack(values).mean(), prog_bar=True)
+        for name, accs in by_reward.items():
+            values[f"val/{name}_acc_overall"] = torch.stack(accs).mean()
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key.endswith("_overall"))
+        self.last_validation_metrics = {k: float(v) for k, v in values.items()}

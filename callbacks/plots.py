@@ -1,0 +1,123 @@
+"""``SamplePlots``: learning curves and a before/after sample grid, written as PNG (+ JSON) at fit end.
+
+Generic: it reads ``trainer.callback_metrics`` after every training batch, the module's
+``last_validation_metrics`` dict (if it has one, so that a pre-training validation run during the
+sanity check counts too) or the logged ``val_prefix`` metrics after every validation, and the
+``images`` / ``prompts`` entries of what ``validation_step`` returns for the first batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+
+
+class SamplePlots(pl.Callback):
+    def __init__(
+        self,
+        train_keys: Sequence[str] = ("train/reward_mean",),
+        val_prefix: str = "val/",
+        num_samples: int = 16,
+        dirpath: str | None = None,
+    ):
+        self.train_keys, self.val_prefix = list(train_keys), val_prefix
+        self.num_samples, self.dirpath = num_samples, dirpath
+        self.train_history: list[dict] = []
+        self.val_history: list[dict] = []
+        self.first_samples: tuple[torch.Tensor, list[str]] | None = None
+        self.last_samples: tuple[torch.Tensor, list[str]] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        row = {k: float(trainer.callback_metrics[k]) for k in self.train_keys if k in trainer.callback_metrics}
+        if row:
+            self.train_history.append({"step": trainer.global_step, **row})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or not isinstance(outputs, dict) or "images" not in outputs:
+            return
+        samples = (outputs["images"][: self.num_samples].detach().float().cpu(), list(outputs["prompts"])[: self.num_samples])
+        if self.first_samples is None:
+            self.first_samples = samples
+        self.last_samples = samples
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        metrics = getattr(pl_module, "last_validation_metrics", None)
+        if metrics is None:
+            metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(self.val_prefix)}
+        row = {k: float(v) for k, v in metrics.items()}
+        if row:
+            self.val_history.append({"step": trainer.global_step, **row})
+
+    def state_dict(self):
+        return {"train_history": self.train_history, "val_history": self.val_history}
+
+    def load_state_dict(self, state_dict):
+        self.train_history = state_dict.get("train_history", [])
+        self.val_history = state_dict.get("val_history", [])
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.global_rank != 0:
+            return
+        out = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump({"train": self.train_history, "val": self.val_history}, f, indent=1)
+        self.plot_curves(os.path.join(out, "curves.png"))
+        if self.first_samples is not None:
+            self.plot_grid(os.path.join(out, "samples_before_after.png"))
+
+    def plot_curves(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for key in self.train_keys:
+            pts = [(r["step"], r[key]) for r in self.train_history if key in r]
+            if pts:
+                axes[0].plot(*zip(*pts), label=key)
+        axes[0].set_xlabel("optimizer step")
+        axes[0].set_title("training")
+        keys = sorted({k for r in self.val_history for k in r if k != "step"})
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in self.val_history if key in r]
+            axes[1].plot(*zip(*pts), marker="o", label=key.removeprefix(self.val_prefix))
+        axes[1].set_xlabel("optimizer step")
+        axes[1].set_title("validation")
+        for ax in axes:
+            if ax.lines:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def plot_grid(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [("before", self.first_samples), ("after", self.last_samples)]
+        n = len(self.first_samples[1])
+        cols = min(8, n)
+        per = math.ceil(n / cols)
+        fig, axes = plt.subplots(2 * per, cols, figsize=(1.6 * cols, 1.8 * 2 * per), squeeze=False)
+        for r, (label, (images, prompts)) in enumerate(rows):
+            for i in range(per * cols):
+                ax = axes[r * per + i // cols][i % cols]
+                ax.axis("off")
+                if i < len(prompts):
+                    img = images[i]
+                    img = img[0] if img.ndim == 4 else img  # first frame of a video
+                    ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                    ax.set_title(f"{label}: {prompts[i]}", fontsize=5)
+        fig.tight_layout()
+        fig.savefig(path, dpi=130)
+        plt.close(fig)

@@ -1,0 +1,115 @@
+import glob
+import os
+
+import pytest
+
+from flowrl.cli import main, trainer_type_from_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
+
+
+def tiny_overrides(config: str, tiny_sd3_path: str, prompt_file: str) -> list[str]:
+    """Shrink any config to a few seconds of CPU work on a tiny random SD3 (or the toy model)."""
+    args = [
+        "--trainer.max_steps=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--model.group_size=2",
+        "--model.num_inference_steps=4",
+        "--model.eval.num_inference_steps=3",
+        "--model.train_batch_size=4",
+        "--model.gradient_accumulation_steps=1",
+        "--data.batch_size=4",
+        "--data.val_batch_size=4",
+        "--data.max_val_prompts=4",
+    ]
+    if os.sep + "toy" + os.sep not in config:
+        args += [
+            f"--model.policy.pretrained_model_name_or_path={tiny_sd3_path}",
+            "--model.policy.frozen_dtype=float32",
+            "--model.policy.lora_rank=2",
+            "--model.resolution=16",
+            "--model.eval.resolution=16",
+            f"--data.train_prompts={prompt_file}",
+            f"--data.val_prompts={prompt_file}",
+        ]
+    return args
+
+
+def test_configs_exist():
+    assert any("toy" in c for c in CONFIGS) and any("sd3" in c for c in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
+def test_config_parses_and_prints(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "trainer_type:" in printed and "policy:" in printed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
+def test_config_runs_a_few_steps(config, tiny_sd3_path, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and logs land in the temporary directory
+    cli = main(["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file)])
+    assert cli.trainer.global_step >= 2
+    assert cli.model.trainer_type == trainer_type_from_args(["--config", config])
+    assert "train/loss" in cli.trainer.logged_metrics
+    assert any(os.scandir(tmp_path / "runs"))
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(CONFIGS[0]).read() + "\nmodel_typo: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIGS[0], "--model.not_an_option=3", "--print_config"])
+    assert exit_info.value.code != 0
+
+
+def test_trainer_type_selection(tmp_path):
+    assert trainer_type_from_args([]) == "grpo"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer_type: grpo\n")
+    assert trainer_type_from_args(["--config", str(cfg)]) == "grpo"
+    with pytest.raises(SystemExit, match="unknown"):
+        trainer_type_from_args(["--trainer_type", "ppo"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("--model.policy.pretrained_model_name_or_path=./missing/model", "does not exist"),
+        ("--model.group_size=1", "group_size"),
+        ("--data.batch_size=3", "whole groups"),
+        ("--model.dynamics_type=ODE", "decoupled"),
+        ("--model.train_steps=[0,99]", "out of range"),
+    ],
+)
+def test_bad_input_fails_before_work(override, match, tiny_sd3_path, prompt_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
+    args = ["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file), override]
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as info:
+        main(args)
+    text = str(info.value) + capsys.readouterr().err
+    assert match in text
+    assert not os.path.exists(tmp_path / "runs")  # nothing was started
+
+
+def test_empty_prompt_file_fails_before_work(tiny_sd3_path, prompt_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    config = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
+    args = ["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file), f"--data.train_prompts={empty}"]
+    with pytest.raises((ValueError, SystemExit)) as info:
+        main(args)
+    assert "no prompts" in str(info.value) + capsys.readouterr().err
