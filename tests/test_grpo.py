@@ -109,3 +109,44 @@ def test_non_finite_reward_stops_before_an_update(tiny_sd3_path, prompt_file):
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer.fit(module, datamodule=dm)
     assert all(torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+
+
+def _fit_one_iteration(module, prompt_file, **trainer_kw):
+    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, **trainer_kw)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_bf16_mixed_keeps_float32_math_and_exact_on_policy_ratio(tiny_sd3_path, prompt_file):
+    # One micro-batch per iteration: every logged ratio is from the on-policy first update.
+    module = make_grpo(tiny_sd3_path, train_batch_size=4)
+    seen = {}
+    original = module.dynamics.step
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["dtype"] = out.log_prob.dtype
+        return out
+
+    module.dynamics.step = spy
+    trainer = _fit_one_iteration(module, prompt_file, precision="bf16-mixed")
+    assert seen["dtype"] == torch.float32
+    assert trainer.logged_metrics["train/ratio_min"] == 1.0 and trainer.logged_metrics["train/ratio_max"] == 1.0
+
+
+def test_bitsandbytes_8bit_adamw(tiny_sd3_path, prompt_file):
+    import bitsandbytes as bnb
+
+    module = make_grpo(
+        tiny_sd3_path,
+        policy=PolicyConfig(tiny_sd3_path, finetune_type="full"),
+        optimizer=lambda params: bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=16),
+    )
+    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+    trainer = _fit_one_iteration(module, prompt_file)
+    optimizer = trainer.optimizers[0]
+    states = [s for s in optimizer.state.values() if "state1" in s]
+    assert any(s["state1"].dtype == torch.uint8 for s in states)  # the 8-bit path really ran
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())

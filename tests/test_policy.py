@@ -82,3 +82,14 @@ def test_bad_policy_config_names_the_fix(tiny_sd3_path):
     policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2)
     with pytest.raises(ValueError, match="multiple of"):
         policy.check_resolution(15, 16)
+
+
+def test_policy_from_a_pipeline_object_drops_into_an_algorithm():
+    from flowrl.algorithms import GRPO
+
+    policy = FlowMatchingPolicy(build_tiny_sd3_pipeline(seed=1, sample_size=16, num_layers=1), lora_rank=2)
+    module = GRPO(policy=policy, group_size=2, resolution=16, num_inference_steps=3)
+    assert module.policy is policy
+    assert "policy" not in module.hparams  # an object, not config data
+    rollout = module.rollout(["a red circle", "a red circle"])
+    assert rollout.images.shape == (2, 3, 16, 16)
