@@ -2,11 +2,22 @@
 
 - :class:`EMA`: exponential moving average of the trained parameters (all decay schedules).
 - :class:`OffPolicySampling`: generate training data with the EMA weights (the "old policy").
+- :class:`ReferenceModel`: the frozen reference of a KL penalty (``kl_beta``, ``kl_type``, ``ref_param_device``).
 - :class:`SamplePlots`: learning curves and a before/after sample grid as PNG at the end of fit.
 """
 
 from .ema import EMA, EMA_DECAY_SCHEDULES, decay_at
 from .off_policy import OffPolicySampling, enter_sampling_contexts
 from .plots import SamplePlots
+from .reference import KL_TYPES, ReferenceModel
 
-__all__ = ["EMA", "EMA_DECAY_SCHEDULES", "OffPolicySampling", "SamplePlots", "decay_at", "enter_sampling_contexts"]
+__all__ = [
+    "EMA",
+    "EMA_DECAY_SCHEDULES",
+    "KL_TYPES",
+    "OffPolicySampling",
+    "ReferenceModel",
+    "SamplePlots",
+    "decay_at",
+    "enter_sampling_contexts",
+]

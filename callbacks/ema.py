@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ._swap import swap_parameters
+
 __all__ = ["EMA", "EMA_DECAY_SCHEDULES", "decay_at"]
 
 EMA_DECAY_SCHEDULES = ("constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine")
@@ -265,20 +267,12 @@ class EMA(pl.Callback):
             yield
             return
         params = self._named_trained_params(pl_module)
-        with torch.no_grad():
-            backup = {name: p.detach().to(self._ema[name].device, copy=True) for name, p in params.items()}
-            self._backup = backup
+        with swap_parameters(params, self._ema) as backup:
+            self._backup = backup  # the live weights, read by update() and on_save_checkpoint() meanwhile
             try:
-                for name, p in params.items():
-                    p.copy_(self._ema[name])
-            except BaseException:
-                self._restore(params, backup)
-                raise
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                self._restore(params, backup)
+                yield
+            finally:
+                self._backup = None
 
     def copy_to(self, pl_module: torch.nn.Module) -> None:
         """Overwrite the trained parameters with the average for good (e.g. before exporting weights)."""
@@ -466,11 +460,6 @@ class EMA(pl.Callback):
         self.num_updates = int(state["num_updates"])
         self._counted_batches = int(state["counted_batches"])
         self._last_global_step = int(state["last_global_step"])
-
-    def _restore(self, params: dict[str, torch.nn.Parameter], backup: dict[str, torch.Tensor]) -> None:
-        for name, p in params.items():
-            p.copy_(backup[name])
-        self._backup = None
 
     def _close_validation_swap(self) -> None:
         ctx, self._validation_swap = self._validation_swap, None
