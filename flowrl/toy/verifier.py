@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flowrl.rewards.base import register_reward
-from flowrl.toy.shapes import COLORS, Scene, parse_prompt
+from flowrl.toy.shapes import CATEGORIES, COLORS, Scene, parse_prompt
 
 _NAMES = tuple(COLORS)
 _COLS = np.array(list(COLORS.values()), np.float32)  # (6, 3)
@@ -258,6 +258,9 @@ class ShapesReward:
 
     ``images`` are float ``(B, 3, H, W)`` in [0, 1] (videos ``(B, T, 3, H, W)`` get their mean frame score).
     """
+
+    #: the verdict categories; algorithms log a validation accuracy for each (and their mean).
+    categories = CATEGORIES
 
     def __init__(self, graded: bool = True):
         self.graded = graded
