@@ -1,0 +1,55 @@
+import lightning as L
+import pytest
+import torch
+
+from flowrl.algorithms import GRPO, EvalConfig
+from flowrl.data import PromptDataModule
+from flowrl.policy import PolicyConfig
+from flowrl.rewards import RewardSpec
+from flowrl.toy.shapes import CATEGORIES
+
+
+@pytest.fixture()
+def module(tiny_sd3_path):
+    return GRPO(
+        policy=PolicyConfig(tiny_sd3_path, lora_rank=2),
+        rewards=[RewardSpec("shapes"), RewardSpec("jpeg_compressibility", weight=0.0)],
+        group_size=2,
+        resolution=8,  # train small ...
+        num_inference_steps=3,
+        eval=EvalConfig(resolution=16, num_inference_steps=4, guidance_scale=2.0),  # ... evaluate at full size
+    )
+
+
+def test_validation_uses_eval_resolution_ode_and_logs_categories(module):
+    prompts = ["a red circle", "two blue squares", "a circle left of a square", "a photo of a square",
+               "a red circle and a blue square"]
+    module.dynamics.step = lambda *a, **k: pytest.fail("validation must sample with the ODE")
+    out = module.validation_step({"prompt": prompts}, 0)
+    assert out["images"].shape == (5, 3, 16, 16)
+    module.on_validation_epoch_end()
+    metrics = module.last_validation_metrics
+    for category in CATEGORIES:
+        assert f"val/shapes_acc_{category}" in metrics
+    assert "val/reward" in metrics and "val/shapes_acc_overall" in metrics
+    per_category = [metrics[f"val/shapes_acc_{c}"] for c in CATEGORIES]
+    assert all(0.0 <= v <= 1.0 for v in per_category)
+    assert metrics["val/shapes_acc_overall"] == pytest.approx(sum(per_category) / len(per_category))
+
+
+def test_validation_is_deterministic_across_calls(module):
+    prompts = ["a red circle", "a red circle"]
+    a = module.validation_step({"prompt": prompts}, 0)["images"]
+    b = module.validation_step({"prompt": prompts}, 0)["images"]
+    assert torch.equal(a, b)
+
+
+def test_fit_with_validation_logs_overall_accuracy(module, tmp_path):
+    dm = PromptDataModule(["a red circle", "two blue squares"], val_prompts=["a green triangle", "a red circle left of a blue square"],
+                          group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                        val_check_interval=1, check_val_every_n_epoch=None)
+    trainer.fit(module, datamodule=dm)
+    assert "val/shapes_acc_overall" in trainer.logged_metrics
+    assert "val/shapes_acc_position" in trainer.logged_metrics
