@@ -45,7 +45,8 @@ class SamplePlots(pl.Callback):
             self.first_samples = samples
         self.last_samples = samples
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
+        # After the module's own epoch-end hook (callbacks' epoch-end hooks run before it).
         metrics = getattr(pl_module, "last_validation_metrics", None)
         if metrics is None:
             metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(self.val_prefix)}

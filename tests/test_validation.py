@@ -53,3 +53,21 @@ def test_fit_with_validation_logs_overall_accuracy(module, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert "val/shapes_acc_overall" in trainer.logged_metrics
     assert "val/shapes_acc_position" in trainer.logged_metrics
+
+
+def test_sample_plots_write_curves_and_before_after_grid(module, tmp_path):
+    from callbacks import SamplePlots
+
+    plots = SamplePlots(num_samples=2, dirpath=str(tmp_path / "plots"))
+    dm = PromptDataModule(["a red circle", "two blue squares"], val_prompts=["a green triangle", "a red circle"],
+                          group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, num_sanity_val_steps=-1,
+                        val_check_interval=2, check_val_every_n_epoch=None, callbacks=[plots])
+    trainer.fit(module, datamodule=dm)
+    # The sanity-check run is the "before" evaluation (step 0), then one after training.
+    assert [row["step"] for row in plots.val_history] == [0, 2]
+    assert "val/shapes_acc_overall" in plots.val_history[0]
+    assert len(plots.train_history) == 2
+    for name in ("curves.png", "samples_before_after.png", "history.json"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
