@@ -2,7 +2,8 @@
 
 from flowrl.algorithms.base import EvalConfig, FlowRLModule, Rollout
 from flowrl.algorithms.grpo import GRPO
+from flowrl.algorithms.grpo_guard import GRPOGuard
 
-ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO}
+ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO, "grpo-guard": GRPOGuard}
 
-__all__ = ["ALGORITHMS", "EvalConfig", "FlowRLModule", "GRPO", "Rollout"]
+__all__ = ["ALGORITHMS", "EvalConfig", "FlowRLModule", "GRPO", "GRPOGuard", "Rollout"]

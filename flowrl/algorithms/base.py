@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
-from callbacks import enter_sampling_contexts
+from callbacks import ReferenceModel, enter_sampling_contexts
 from flowrl.advantages import group_advantages
 from flowrl.dynamics import ODE, build_dynamics
 from flowrl.dynamics.selection import StepSelector
@@ -94,6 +94,7 @@ class FlowRLModule(L.LightningModule):
         num_train_steps: int | None = None,
         window_size: int | None = None,
         window_shift_interval: int | None = None,
+        window_stride: int = 1,
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
@@ -122,13 +123,9 @@ class FlowRLModule(L.LightningModule):
 
         # Configuration errors surface here, before any weights load.
         self.dynamics = build_dynamics(dynamics_type, noise_level)
-        if self.needs_log_prob and not self.dynamics.is_stochastic:
-            raise ValueError(
-                f"trainer_type {self.trainer_type!r} needs a tractable log-prob, which dynamics_type {dynamics_type!r} "
-                "does not give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling"
-            )
+        self.check_dynamics(dynamics_type)
         self.step_selector = StepSelector(num_inference_steps, train_steps, num_train_steps, seed, window_size,
-                                          window_shift_interval)
+                                          window_shift_interval, window_stride)
         self.ode = ODE()
         self.reward_fn = rewards if callable(rewards) else WeightedReward.from_specs(
             rewards or [RewardSpec("jpeg_compressibility")]
@@ -155,6 +152,14 @@ class FlowRLModule(L.LightningModule):
         for key in list(self.hparams):
             self.hparams[key] = plain(self.hparams[key])
 
+    def check_dynamics(self, dynamics_type: str) -> None:
+        """Refuse sampling dynamics this algorithm cannot train with (called in ``__init__``, before loading)."""
+        if self.needs_log_prob and not self.dynamics.is_stochastic:
+            raise ValueError(
+                f"trainer_type {self.trainer_type!r} needs a tractable log-prob, which dynamics_type {dynamics_type!r} "
+                "does not give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling"
+            )
+
     def _validate_common(self, group_size, num_inner_epochs, accumulation, train_batch_size):
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: group-relative advantages need group_size >= 2")
@@ -178,6 +183,7 @@ class FlowRLModule(L.LightningModule):
         data_group = getattr(datamodule, "group_size", None)
         if data_group is not None and data_group != self.group_size:
             raise ValueError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
+        self._check_kl_reference()
 
     def on_save_checkpoint(self, checkpoint):
         trained = {n for n, _ in self.named_parameters() if _.requires_grad}
@@ -191,6 +197,31 @@ class FlowRLModule(L.LightningModule):
             raise KeyError(f"checkpoint lacks {len(missing)} trained parameters (e.g. {missing[:3]}); "
                            "it was written for a different finetune_type / LoRA setup")
         self.iteration = checkpoint.get("flowrl_iteration", 0)
+
+    # ------------------------------------------------------------------ KL reference
+    def reference_context(self):
+        """The cheap reference model, for :class:`callbacks.ReferenceModel`: with LoRA, the policy with its
+        adapters disabled (the base model, no copy); with full fine-tuning None (the callback keeps a copy)."""
+        return self.policy.adapter_disabled() if self.policy.finetune_type == "lora" else None
+
+    @property
+    def kl_reference(self) -> ReferenceModel | None:
+        """The trainer's :class:`callbacks.ReferenceModel` when it asks for a KL term (``kl_beta > 0``), else None."""
+        found = [cb for cb in (getattr(self._trainer, "callbacks", None) or []) if isinstance(cb, ReferenceModel)]
+        if len(found) > 1:
+            raise RuntimeError(f"found {len(found)} ReferenceModel callbacks; keep one in trainer.callbacks")
+        return found[0] if found and found[0].enabled else None
+
+    def _check_kl_reference(self) -> None:
+        ref = self.kl_reference
+        if ref is not None and ref.kl_type == "x-based" and not self.dynamics.is_stochastic:
+            raise ValueError(
+                f"kl_type 'x-based' compares the SDE step means, which dynamics_type {self.dynamics.name!r} "
+                "does not have; use kl_type: v-based or stochastic dynamics"
+            )
+        if ref is not None and ref.kl_type == "x-based" and self.dynamics.noise_level == 0:
+            raise ValueError("kl_type 'x-based' divides by the step's std_dev_t, which noise_level 0 makes 0; "
+                             "use kl_type: v-based or noise_level > 0")
 
     def _generator(self, *salt: int) -> torch.Generator:
         key = zlib.crc32(repr((self.seed, *salt)).encode())

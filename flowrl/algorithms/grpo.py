@@ -5,13 +5,27 @@ from __future__ import annotations
 import torch
 
 from flowrl.algorithms.base import FlowRLModule, Rollout
-from flowrl.losses import grpo_loss
+from flowrl.dynamics import StepOutput
+from flowrl.losses import grpo_loss, kl_v_based, kl_x_based
 
 
 class GRPO(FlowRLModule):
     """``trainer_type: grpo``. Rollouts with SDE dynamics (``dynamics_type``: Flow-SDE, Dance-SDE, CPS)
-    at the trained steps (MixGRPO ``train_steps`` / ``num_train_steps``), ODE elsewhere; then
-    ``num_inner_epochs`` of PPO-style updates on the stored trajectory."""
+    at the trained steps (MixGRPO ``train_steps`` / ``num_train_steps``, or the progressive window
+    ``window_size`` / ``window_shift_interval`` / ``window_stride``), ODE elsewhere; then
+    ``num_inner_epochs`` of PPO-style updates on the stored trajectory.
+
+    KL to a frozen reference: add a :class:`callbacks.ReferenceModel` (``kl_beta``, ``kl_type``,
+    ``ref_param_device``) to the trainer callbacks. Each trained step's loss then gets ``kl_beta * KL``:
+
+    * ``x-based``: ``mean_over_dims((mean - mean_ref)**2) / (2 * std_dev_t**2)`` on the step means, where
+      ``mean_ref`` is the same dynamics step taken with the reference velocity and ``std_dev_t`` is the
+      dynamics' coefficient at that step;
+    * ``v-based``: ``mean_over_dims((v - v_ref)**2)``.
+
+    Only the reference forward pass runs without gradient; it runs *before* the policy's forward pass,
+    so a reference swapped into the live parameters never touches tensors saved for backward.
+    """
 
     trainer_type = "grpo"
 
@@ -25,6 +39,36 @@ class GRPO(FlowRLModule):
         out = self.dynamics.step(x, v, s, s_next, prev_sample=rollout.next_latents[idx, k])
         return out, v, s, s_next
 
-    def training_loss(self, rollout, advantages, idx, k):
-        out, _, _, _ = self.step_forward(rollout, idx, k)
+    def reference_velocity(self, rollout: Rollout, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """Velocity of the KL reference model at trained step ``k`` for samples ``idx`` (no gradient)."""
+        ref = self.kl_reference
+        step = rollout.train_steps[k]
+        cond = {name: t[idx] for name, t in rollout.cond.items()}
+        with ref.reference(self):
+            return self.policy.velocity(rollout.latents[idx, k], rollout.sigmas[step].item(), cond, self.guidance_scale)
+
+    def kl_divergence(self, rollout: Rollout, idx: torch.Tensor, k: int, out: StepOutput, v: torch.Tensor,
+                      v_ref: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+        """Per-sample ``(B,)`` KL to the reference at one trained step (``kl_type`` of the ReferenceModel)."""
+        if self.kl_reference.kl_type == "v-based":
+            return kl_v_based(v, v_ref)
+        x = rollout.latents[idx, k]
+        ref_mean = self.dynamics.step(x, v_ref, s, s_next, prev_sample=rollout.next_latents[idx, k]).mean
+        return kl_x_based(out.mean, ref_mean, self.dynamics.std_dev_t(s, s_next))
+
+    def policy_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int, out: StepOutput,
+                    s: float, s_next: float) -> dict[str, torch.Tensor]:
+        """The clipped policy-gradient terms of one trained step (without the KL term)."""
         return grpo_loss(out.log_prob, rollout.log_probs[idx, k], advantages[idx], self.clip_range, self.adv_clip_range)
+
+    def training_loss(self, rollout, advantages, idx, k):
+        ref = self.kl_reference
+        v_ref = self.reference_velocity(rollout, idx, k) if ref is not None else None
+        out, v, s, s_next = self.step_forward(rollout, idx, k)
+        terms = self.policy_loss(rollout, advantages, idx, k, out, s, s_next)
+        if ref is not None:
+            kl = self.kl_divergence(rollout, idx, k, out, v, v_ref, s, s_next)
+            terms["policy_loss"] = terms["loss"].detach()
+            terms["kl"] = kl.detach().mean()
+            terms["loss"] = terms["loss"] + ref.kl_beta * kl.mean()
+        return terms

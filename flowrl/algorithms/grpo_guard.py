@@ -1,0 +1,59 @@
+"""GRPO-Guard: GRPO with the RatioNorm-normalised ratio and TempFlow-style per-step reweighting."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flowrl.algorithms.grpo import GRPO
+from flowrl.dynamics import StepOutput
+from flowrl.losses import grpo_guard_loss
+
+
+class GRPOGuard(GRPO):
+    """``trainer_type: grpo-guard`` (only with ``dynamics_type: Flow-SDE``).
+
+    At trained step ``k`` (``s -> s'``, ``dt = s' - s < 0``), with the step means stored at rollout
+    (``mean_old``) and recomputed now (``mean_new``)::
+
+        scale = std_dev_t(s, s') * sqrt(-dt)                         # the step's std
+        bias  = mean_over_dims((mean_new - mean_old)**2) / (2 * scale**2)
+        ratio = exp((log_prob_new - log_prob_old + bias) * scale)
+        loss  = clipped PPO loss on that ratio, divided by (-dt)
+
+    (:func:`flowrl.losses.grpo_guard_loss`). The reference code puts the batch mean of ``sqrt(-dt)`` in
+    ``scale``; here every sample of a training unit is at the same step of the same schedule, so that
+    batch mean is exactly the step's ``sqrt(-dt)``, and ``scale`` is the scalar std of the step. A KL
+    term (:class:`callbacks.ReferenceModel`) is added as in :class:`GRPO`.
+    """
+
+    trainer_type = "grpo-guard"
+    stores_means = True
+
+    def check_dynamics(self, dynamics_type: str) -> None:
+        if dynamics_type != "Flow-SDE":
+            raise ValueError(
+                f"trainer_type 'grpo-guard' normalises the ratio of Flow-SDE steps only; got dynamics_type "
+                f"{dynamics_type!r}. Set dynamics_type: Flow-SDE, or use trainer_type: grpo for "
+                "Dance-SDE / CPS (and nft / awm for ODE sampling)"
+            )
+        if self.dynamics.noise_level <= 0:
+            raise ValueError("trainer_type 'grpo-guard' divides by the step std, which noise_level 0 makes 0; "
+                             "set noise_level > 0 (e.g. 0.7)")
+        super().check_dynamics(dynamics_type)
+
+    def step_scale(self, s: float, s_next: float) -> tuple[float, float]:
+        """``(scale, dt)`` of the step ``s -> s_next``: ``scale = std_dev_t * sqrt(-dt)``."""
+        dt = s_next - s
+        return float(self.dynamics.std_dev_t(s, s_next)) * math.sqrt(-dt), dt
+
+    def policy_loss(self, rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int, out: StepOutput,
+                    s: float, s_next: float) -> dict[str, torch.Tensor]:
+        if rollout.means is None:
+            raise RuntimeError("GRPO-Guard needs the step means stored at rollout (stores_means = True)")
+        scale, dt = self.step_scale(s, s_next)
+        if not scale > 0:
+            raise ValueError(f"GRPO-Guard: the step {s:.4f} -> {s_next:.4f} has std 0; use noise_level > 0")
+        return grpo_guard_loss(out.log_prob, rollout.log_probs[idx, k], out.mean, rollout.means[idx, k], scale, dt,
+                               advantages[idx], self.clip_range, self.adv_clip_range)
