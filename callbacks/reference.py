@@ -89,7 +89,7 @@ class ReferenceModel(pl.Callback):
     @property
     def uses_copy(self) -> bool:
         """True when the reference is a frozen copy of parameters held by this callback."""
-        return self._built and not self._uses_context
+        return self._built and self.enabled and not self._uses_context
 
     @property
     def reference_parameters(self) -> dict[str, torch.Tensor]:
