@@ -1,0 +1,200 @@
+"""What the decoupled algorithms (DiffusionNFT, AWM) share: training on the forward process.
+
+A decoupled rollout keeps only the final clean latents ``x0``; any sampler (``dynamics_type``
+ODE included) may produce them. Each iteration then draws, per sample, ``num_train_timesteps``
+training noise levels ``t`` (``time_sampling_strategy``, ``time_shift``, ``timestep_fraction``,
+see :func:`flowrl.dynamics.timesampling.sample_train_times`) and one fresh Gaussian ``eps`` per
+training time, and trains on ``x_t = (1 - t) x0 + t eps``. Each training time is one training unit.
+
+Everything on the frozen side of the loss is computed once per iteration, before any update
+(:meth:`DecoupledModule.training_units`), without gradient, in exactly the micro-batches the
+first inner epoch trains on:
+
+* ``v_old``: the velocity of the policy that sampled the rollout. Inside the trainer callbacks'
+  sampling contexts, so with ``callbacks.OffPolicySampling`` it is the EMA policy; on-policy it
+  is the live weights as they were when the rollout was drawn (before this iteration's updates).
+* ``v_ref``: the KL reference's velocity, when the trainer has an enabled
+  ``callbacks.ReferenceModel`` (which holds ``kl_beta``; only ``kl_type: v-based`` applies here).
+* ``v_ema``: the EMA policy's velocity (AWM's ``ema_kl_beta``).
+
+The training velocity uses ``train_guidance_scale`` (default 1: no classifier-free guidance, as in
+DiffusionNFT, which is CFG-free); ``guidance_scale`` remains the sampling guidance of rollouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from callbacks import EMA, OffPolicySampling, ReferenceModel, enter_sampling_contexts
+from flowrl.algorithms.base import FlowRLModule, Rollout
+from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
+from flowrl.policy import PolicyConfig
+
+__all__ = ["DecoupledModule"]
+
+_TIMES_SALT = 271828  # separates the training-time / noise draws from the rollout's
+
+
+class DecoupledModule(FlowRLModule):
+    """Base of the decoupled algorithms; use :class:`~flowrl.algorithms.NFT` or :class:`~flowrl.algorithms.AWM`.
+
+    Args (besides :class:`FlowRLModule`'s):
+        num_train_timesteps: training times per sample and iteration; None = every sampler step in
+            range (discrete strategies only).
+        time_sampling_strategy: uniform, logit_normal, discrete, discrete_with_init, discrete_wo_init.
+        time_shift: SD3 shift (towards high noise) of the continuous strategies.
+        timestep_fraction: train on the first (noisiest) fraction of the trajectory only.
+        train_guidance_scale: classifier-free guidance of the *trained* velocity (1 = none).
+        dynamics_type: the sampler of rollouts; decoupled training accepts any, ODE by default.
+    """
+
+    needs_log_prob = False
+    stores_trajectory = False
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        num_train_timesteps: int | None = None,
+        time_sampling_strategy: str = "discrete_with_init",
+        time_shift: float = 3.0,
+        timestep_fraction: float = 1.0,
+        train_guidance_scale: float = 1.0,
+        dynamics_type: str = "ODE",
+        **kwargs,
+    ):
+        if time_sampling_strategy not in TIME_SAMPLING_STRATEGIES:
+            raise ValueError(
+                f"unknown time_sampling_strategy {time_sampling_strategy!r}; choose one of "
+                f"{', '.join(TIME_SAMPLING_STRATEGIES)}"
+            )
+        if train_guidance_scale < 1.0:
+            raise ValueError(f"train_guidance_scale={train_guidance_scale} must be >= 1 (1 = no guidance)")
+        # Bad time-sampling settings fail here, before the weights load: a dry draw on a schedule of
+        # as many steps as the sampler will use (the counts do not depend on the sigma values).
+        steps = kwargs.get("num_inference_steps", 10)
+        sample_train_times(time_sampling_strategy, 1, num_train_timesteps, torch.linspace(1.0, 0.0, steps + 1),
+                           time_shift, timestep_fraction)
+        super().__init__(policy, dynamics_type=dynamics_type, **kwargs)
+        self.num_train_timesteps = num_train_timesteps
+        self.time_sampling_strategy = time_sampling_strategy
+        self.time_shift = float(time_shift)
+        self.timestep_fraction = float(timestep_fraction)
+        self.train_guidance_scale = float(train_guidance_scale)
+
+    # ------------------------------------------------------------------ callbacks
+    def _callbacks(self) -> list:
+        return list(getattr(self._trainer, "callbacks", None) or [])
+
+    def _ema_callback(self) -> EMA | None:
+        emas = [cb for cb in self._callbacks() if isinstance(cb, EMA)]
+        return emas[0] if emas else None
+
+    def _reference_callback(self) -> ReferenceModel | None:
+        refs = [cb for cb in self._callbacks() if isinstance(cb, ReferenceModel) and cb.enabled]
+        return refs[0] if refs else None
+
+    def _samples_with_ema(self) -> bool:
+        """True when rollouts come from the EMA weights (an active OffPolicySampling and an EMA)."""
+        off = any(isinstance(cb, OffPolicySampling) and cb.off_policy for cb in self._callbacks())
+        ema = self._ema_callback()
+        return off and ema is not None
+
+    def reference_context(self):
+        """The KL reference without a copy: with LoRA, the base model (adapters disabled). Full
+        fine-tuning returns None, and ``callbacks.ReferenceModel`` keeps a frozen copy instead."""
+        if self.policy.finetune_type == "lora":
+            return self.policy.adapter_disabled()
+        return None
+
+    def on_fit_start(self):
+        ref = self._reference_callback()
+        if ref is not None and ref.kl_type != "v-based":
+            raise ValueError(
+                f"ReferenceModel(kl_type={ref.kl_type!r}) compares the means of SDE sampling steps, which the "
+                f"decoupled trainer {self.trainer_type!r} does not train on; set kl_type: v-based"
+            )
+        super().on_fit_start()
+
+    # ------------------------------------------------------------------ forward-process training data
+    @staticmethod
+    def _column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.reshape((t.shape[0],) + (1,) * (like.ndim - 1))
+
+    def noised(self, rollout: Rollout, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, x0, eps, t)`` of samples ``idx`` at training unit ``k`` (after :meth:`training_units`)."""
+        x0 = rollout.final[idx]
+        eps = rollout.extras["noise"][k, idx]
+        t = rollout.extras["times"][idx, k]
+        tc = self._column(t, x0)
+        return (1.0 - tc) * x0 + tc * eps, x0, eps, t
+
+    def _cond(self, rollout: Rollout, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: c[idx] for name, c in rollout.cond.items()}
+
+    def train_velocity(self, rollout: Rollout, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """The velocity at ``x_t`` of unit ``k``, with whatever weights are in the model now."""
+        x_t, _, _, t = self.noised(rollout, idx, k)
+        return self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
+
+    def _frozen_velocities(self, rollout: Rollout, units: list[int]) -> torch.Tensor:
+        """``(K, B, ...)`` velocities without gradient, in eval mode, batched as training epoch 0 is."""
+        n = rollout.final.shape[0]
+        order = torch.arange(n)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                per_unit = []
+                for k in units:
+                    per_unit.append(torch.cat([self.train_velocity(rollout, order[sl], k) for sl in self._chunks(n)]))
+                return torch.stack(per_unit)
+        finally:
+            self.policy.train(was_training)
+
+    def needs_ema_velocity(self) -> bool:
+        return False
+
+    def training_units(self, rollout: Rollout) -> list[int]:
+        """Draw this iteration's training times and noise, and precompute the frozen velocities.
+
+        Called once per iteration, after the rollout and before any update."""
+        n = rollout.final.shape[0]
+        gen = self._generator(self.iteration, self.global_rank, _TIMES_SALT)
+        times = sample_train_times(self.time_sampling_strategy, n, self.num_train_timesteps, rollout.sigmas,
+                                   self.time_shift, self.timestep_fraction, gen)
+        k_units = times.shape[1]
+        noise = torch.randn((k_units, *rollout.final.shape), generator=gen, dtype=torch.float32)
+        device = rollout.final.device
+        rollout.extras["times"] = times.to(device)
+        rollout.extras["noise"] = noise.to(device)
+        units = list(range(k_units))
+
+        with enter_sampling_contexts(self._trainer, self):
+            rollout.extras["v_old"] = self._frozen_velocities(rollout, units)
+        if self.needs_ema_velocity():
+            if self._samples_with_ema():
+                rollout.extras["v_ema"] = rollout.extras["v_old"]  # the sampling policy is the EMA
+            else:
+                ema = self._ema_callback()
+                with ema.swapped(self) if ema is not None else contextlib.nullcontext():
+                    rollout.extras["v_ema"] = self._frozen_velocities(rollout, units)
+        ref = self._reference_callback()
+        if ref is not None:
+            with ref.reference(self):
+                rollout.extras["v_ref"] = self._frozen_velocities(rollout, units)
+        return units
+
+    def _kl_beta(self) -> float:
+        ref = self._reference_callback()
+        return ref.kl_beta if ref is not None else 0.0
+
+    def _frozen(self, rollout: Rollout, key: str, idx: torch.Tensor, k: int) -> torch.Tensor | None:
+        value = rollout.extras.get(key)
+        return None if value is None else value[k, idx]
+
+
+def _disabled(value: float | None) -> bool:
+    return value is None or value <= 0 or math.isnan(value)
