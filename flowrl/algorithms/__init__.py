@@ -4,9 +4,9 @@ from flowrl.algorithms.awm import AWM
 from flowrl.algorithms.base import EvalConfig, FlowRLModule, Rollout
 from flowrl.algorithms.decoupled import DecoupledModule
 from flowrl.algorithms.grpo import GRPO
-from flowrl.algorithms.nft import NFT
 from flowrl.algorithms.grpo_guard import GRPOGuard
+from flowrl.algorithms.nft import NFT
 
-ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO, "grpo-guard": GRPOGuard}
+ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO, "grpo-guard": GRPOGuard, "nft": NFT, "awm": AWM}
 
-__all__ = ["ALGORITHMS", "EvalConfig", "FlowRLModule", "GRPO", "GRPOGuard", "Rollout"]
+__all__ = ["ALGORITHMS", "AWM", "DecoupledModule", "EvalConfig", "FlowRLModule", "GRPO", "GRPOGuard", "NFT", "Rollout"]
