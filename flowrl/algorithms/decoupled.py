@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from callbacks import EMA, OffPolicySampling, ReferenceModel, enter_sampling_contexts
+from callbacks import EMA, OffPolicySampling, enter_sampling_contexts
 from flowrl.algorithms.base import FlowRLModule, Rollout
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
 from flowrl.policy import PolicyConfig
@@ -92,25 +92,14 @@ class DecoupledModule(FlowRLModule):
         emas = [cb for cb in self._callbacks() if isinstance(cb, EMA)]
         return emas[0] if emas else None
 
-    def _reference_callback(self) -> ReferenceModel | None:
-        refs = [cb for cb in self._callbacks() if isinstance(cb, ReferenceModel) and cb.enabled]
-        return refs[0] if refs else None
-
     def _samples_with_ema(self) -> bool:
         """True when rollouts come from the EMA weights (an active OffPolicySampling and an EMA)."""
         off = any(isinstance(cb, OffPolicySampling) and cb.off_policy for cb in self._callbacks())
         ema = self._ema_callback()
         return off and ema is not None
 
-    def reference_context(self):
-        """The KL reference without a copy: with LoRA, the base model (adapters disabled). Full
-        fine-tuning returns None, and ``callbacks.ReferenceModel`` keeps a frozen copy instead."""
-        if self.policy.finetune_type == "lora":
-            return self.policy.adapter_disabled()
-        return None
-
     def on_fit_start(self):
-        ref = self._reference_callback()
+        ref = self.kl_reference
         if ref is not None and ref.kl_type != "v-based":
             raise ValueError(
                 f"ReferenceModel(kl_type={ref.kl_type!r}) compares the means of SDE sampling steps, which the "
@@ -181,14 +170,14 @@ class DecoupledModule(FlowRLModule):
                 ema = self._ema_callback()
                 with ema.swapped(self) if ema is not None else contextlib.nullcontext():
                     rollout.extras["v_ema"] = self._frozen_velocities(rollout, units)
-        ref = self._reference_callback()
+        ref = self.kl_reference
         if ref is not None:
             with ref.reference(self):
                 rollout.extras["v_ref"] = self._frozen_velocities(rollout, units)
         return units
 
     def _kl_beta(self) -> float:
-        ref = self._reference_callback()
+        ref = self.kl_reference
         return ref.kl_beta if ref is not None else 0.0
 
     def _frozen(self, rollout: Rollout, key: str, idx: torch.Tensor, k: int) -> torch.Tensor | None:
