@@ -45,8 +45,9 @@ def attach(module, *callbacks):
 def test_registered_and_decoupled_flags(tiny_sd3_path):
     assert ALGORITHMS["nft"] is NFT and NFT.trainer_type == "nft"
     assert NFT.needs_log_prob is False and NFT.stores_trajectory is False
-    module = make_nft(tiny_sd3_path)
+    module = make_nft(tiny_sd3_path, nft_beta=0.1)
     assert module.dynamics.name == "ODE"  # solver-agnostic; ODE by default
+    assert module.hparams["nft_beta"] == 0.1 and module.hparams["time_sampling_strategy"] == "discrete_with_init"
     rollout = module.rollout(PROMPTS)
     assert rollout.latents is None and rollout.log_probs is None  # only the final latents are kept
     assert rollout.final.shape[0] == 4 and rollout.images.shape == (4, 3, 16, 16)

@@ -28,6 +28,8 @@ class NFT(DecoupledModule):
 
     Args (besides :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s):
         nft_beta: the policy-mixing coefficient ``beta`` (1 by default; 0.1 is faster, less stable).
+
+    ``clip_range`` (a base option) is not used: NFT has no probability ratio.
     """
 
     trainer_type = "nft"
