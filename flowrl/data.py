@@ -21,7 +21,8 @@ PromptSource = str | list[str]
 
 def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
     """A list of prompts from an inline list, a ``.txt`` file (one per line) or a ``.jsonl`` file
-    (one object per line with a ``"prompt"`` field). Special names ``toy:train`` / ``toy:heldout``."""
+    (one object per line with a ``"prompt"`` field). ``toy:<name>`` is a prompt file of the toy world
+    (``toy:train``, ``toy:heldout``, ``toy:eval``: the held-out prompts balanced over categories)."""
     if isinstance(source, (list, tuple)):
         prompts = [str(p) for p in source]
         origin = "the inline list"
@@ -48,10 +49,10 @@ def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
 
 
 def _resolve_prompt_path(source: str) -> str:
-    if source in ("toy:train", "toy:heldout"):
-        from flowrl.toy import TOY_HELDOUT_PROMPTS, TOY_TRAIN_PROMPTS
+    if source.startswith("toy:"):
+        from flowrl.toy import TOY_DIR
 
-        return str(TOY_TRAIN_PROMPTS if source == "toy:train" else TOY_HELDOUT_PROMPTS)
+        return str(TOY_DIR / "prompts" / f"{source[4:]}.txt")
     return os.path.expanduser(source)
 
 

@@ -147,6 +147,20 @@ def test_prompt_files_match_split():
     train, held = S.split_prompts()
     assert S.read_prompt_file("train") == train
     assert S.read_prompt_file("heldout") == held
+    assert S.read_prompt_file("eval") == S.balanced_eval_prompts()
+
+
+def test_balanced_eval_prompts_are_heldout_and_balanced():
+    _, held = S.split_prompts()
+    prompts = S.balanced_eval_prompts(per_category=20)
+    assert set(prompts) <= set(held)
+    counts = {c: 0 for c in S.CATEGORIES}
+    for p in prompts:
+        counts[S.parse_prompt(p).category] += 1
+    assert set(counts.values()) == {20}
+    # every held-out prompt of a small category appears
+    single = {p for p in held if S.parse_prompt(p).category == "single_object"}
+    assert single <= set(prompts)
 
 
 def test_sample_scene():

@@ -6,3 +6,4 @@ TOY_DIR = Path(__file__).resolve().parent
 TOY_CHECKPOINT = TOY_DIR / "checkpoint"
 TOY_TRAIN_PROMPTS = TOY_DIR / "prompts" / "train.txt"
 TOY_HELDOUT_PROMPTS = TOY_DIR / "prompts" / "heldout.txt"
+TOY_EVAL_PROMPTS = TOY_DIR / "prompts" / "eval.txt"

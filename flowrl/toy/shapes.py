@@ -318,16 +318,31 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.2) -> tuple[list[st
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
+def balanced_eval_prompts(per_category: int = 32, seed: int = 0) -> list[str]:
+    """Held-out prompts with ``per_category`` entries in every category (repeating the prompts of small
+    categories, sampling the large ones), so that each category's accuracy has the same sample size and
+    the overall accuracy (the mean over categories) is not dominated by sampling noise of a 2-prompt one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for category in CATEGORIES:
+        prompts = [p for p in split_prompts()[1] if parse_prompt(p).category == category]
+        order = [prompts[i] for i in rng.permutation(len(prompts))]
+        out += [order[i % len(order)] for i in range(per_category)]
+    return out
+
+
 def write_prompt_files(directory: str | Path = PROMPTS_DIR) -> None:
-    """Writes ``train.txt`` and ``heldout.txt`` (one prompt a line) of the default :func:`split_prompts`."""
+    """Writes ``train.txt`` and ``heldout.txt`` (one prompt a line) of the default :func:`split_prompts`,
+    and ``eval.txt``, the category-balanced validation list of :func:`balanced_eval_prompts`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, prompts in zip(("train", "heldout"), split_prompts()):
         (directory / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    (directory / "eval.txt").write_text("\n".join(balanced_eval_prompts()) + "\n")
 
 
 def read_prompt_file(name: str) -> list[str]:
-    """The prompts of the shipped ``train`` or ``heldout`` file."""
+    """The prompts of the shipped ``train``, ``heldout`` or ``eval`` file."""
     return [line for line in (PROMPTS_DIR / f"{name}.txt").read_text().splitlines() if line.strip()]
 
 
