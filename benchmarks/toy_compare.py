@@ -5,16 +5,16 @@ Each method runs its shipped config (``lightning_configs/toy/{grpo,nft,awm}.yaml
 ``--minutes`` of *training* wall time. In-training validation is switched off; instead the weights
 that the config's validation would use (the EMA average when the config has an ``callbacks.EMA``
 that swaps for validation, else the live weights) are snapshotted at ``--points`` evenly spaced
-moments of the budget, and every snapshot is evaluated afterwards on the held-out prompts
-(``toy:heldout``, strict verifier accuracy as GenEval). Evaluation time is therefore not charged to
-any method.
+moments of the budget, and every snapshot is evaluated afterwards on the held-out prompts (the
+config's ``data.val_prompts``, ``toy:eval``: 32 per category; strict verifier accuracy as GenEval).
+Evaluation time is therefore not charged to any method.
 
 Writes ``--out`` (JSON: per method, held-out accuracy per category and overall, against training
 seconds, samples generated and iterations) and the same name with ``.png`` (accuracy vs wall time
 and vs samples). Needs the shipped toy checkpoint (``flowrl/toy/checkpoint``).
 
     python benchmarks/toy_compare.py                       # 15 minutes per method
-    python benchmarks/toy_compare.py --minutes 2 --points 2 --max-val-prompts 60   # a smoke run
+    python benchmarks/toy_compare.py --minutes 2 --points 2   # a smoke run
 
 Not a test: timings depend on the machine and on whatever else runs on it.
 """
@@ -187,7 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--points", type=int, default=6, help="evaluated snapshots per method (plus the start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--max-val-prompts", type=int, default=None, help="evaluate on the first N held-out prompts")
+    p.add_argument("--max-val-prompts", type=int, default=None, help="evaluate on the first N validation prompts only (toy:eval is sorted by category: biased)")
     p.add_argument("--val-samples-per-prompt", type=int, default=None, help="default: the config's (2)")
     p.add_argument("--eval-weights", choices=["as_configured", "live"], default="as_configured",
                    help="as_configured: the EMA average where the config validates with it; live: the trained weights")
