@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 from flowrl.algorithms import GRPO
 from flowrl.cli import main
@@ -107,9 +106,9 @@ def test_configuration_errors_name_the_fix(overrides, match, tiny_sd3_path, prom
 
 
 def test_x_based_kl_with_zero_noise_is_refused_at_fit_start(tiny_sd3_path):
-    from callbacks import ReferenceModel
-
     import lightning as L
+
+    from callbacks import ReferenceModel
 
     module = make_grpo(tiny_sd3_path, noise_level=0.0)
     module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ReferenceModel(0.1, "x-based")])

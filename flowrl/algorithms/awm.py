@@ -80,7 +80,7 @@ class AWM(DecoupledModule):
                 )
             if not ema.enabled:
                 warnings.warn("ema_kl_beta > 0 but the EMA callback has ema_decay=0: the 'EMA' is the live weights "
-                              "of the iteration start, so the EMA KL term only limits each iteration's step")
+                              "of the iteration start, so the EMA KL term only limits each iteration's step", stacklevel=2)
 
     def training_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int):
         x_t, x0, eps, t = self.noised(rollout, idx, k)
