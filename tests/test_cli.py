@@ -19,7 +19,7 @@ def tiny_overrides(config: str, tiny_sd3_path: str, prompt_file: str) -> list[st
         "--trainer.val_check_interval=1",
         "--trainer.num_sanity_val_steps=0",
         "--model.group_size=2",
-        "--model.num_inference_steps=4",
+        "--model.num_inference_steps=8",  # toy configs train steps up to index 5
         "--model.eval.num_inference_steps=3",
         "--model.train_batch_size=4",
         "--model.gradient_accumulation_steps=1",
