@@ -4,6 +4,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from tiny import make_module, randomize_lora
 
 from callbacks import EMA, OffPolicySampling
 from flowrl.algorithms import ALGORITHMS, AWM
@@ -17,24 +18,7 @@ ADV = torch.tensor([1.5, -1.5, 0.5, -0.5])
 
 
 def make_awm(path, **kw):
-    args = dict(
-        policy=PolicyConfig(path, lora_rank=4),
-        rewards=[RewardSpec("jpeg_incompressibility")],
-        group_size=2,
-        resolution=16,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        train_batch_size=2,
-        num_train_timesteps=2,
-    )
-    args.update(kw)
-    return AWM(**args)
-
-
-def randomize_lora(module, std=0.05):
-    with torch.no_grad():
-        for p in module.policy.trainable_parameters():
-            p.normal_(0, std)
+    return make_module(AWM, path, **{"num_train_timesteps": 2, **kw})
 
 
 def test_registered_and_decoupled_flags(tiny_sd3_path):

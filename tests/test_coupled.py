@@ -3,21 +3,18 @@
 import os
 
 import pytest
+from tiny import make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.cli import main
-from flowrl.policy import PolicyConfig
-from flowrl.rewards import RewardSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD3_CONFIG = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
 
 
 def make_grpo(path, **kw):
-    args = dict(policy=PolicyConfig(path, lora_rank=2), rewards=[RewardSpec("jpeg_incompressibility")],
-                group_size=2, resolution=16, num_inference_steps=6, guidance_scale=1.0, train_batch_size=4)
-    args.update(kw)
-    return GRPO(**args)
+    overrides = {"num_inference_steps": 6, "guidance_scale": 1.0, "train_batch_size": 4, **kw}
+    return make_module(GRPO, path, lora_rank=2, **overrides)
 
 
 def tiny_args(tiny_sd3_path, prompt_file):

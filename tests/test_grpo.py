@@ -1,26 +1,15 @@
 import lightning as L
 import pytest
 import torch
+from tiny import make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.data import PromptDataModule
 from flowrl.policy import PolicyConfig
-from flowrl.rewards import RewardSpec
 
 
 def make_grpo(path, **kw):
-    args = dict(
-        policy=PolicyConfig(path, lora_rank=4),
-        rewards=[RewardSpec("jpeg_incompressibility")],
-        group_size=2,
-        resolution=16,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        train_batch_size=2,
-        clip_range=1e-2,
-    )
-    args.update(kw)
-    return GRPO(**args)
+    return make_module(GRPO, path, **{"clip_range": 1e-2, **kw})
 
 
 @pytest.mark.parametrize("dynamics_type", ["Flow-SDE", "Dance-SDE", "CPS"])

@@ -5,30 +5,18 @@ import math
 import lightning as L
 import pytest
 import torch
+from tiny import make_module
 
 from flowrl.algorithms import ALGORITHMS, GRPOGuard
 from flowrl.data import PromptDataModule
 from flowrl.dynamics import FlowSDE
 from flowrl.losses import grpo_guard_loss
-from flowrl.policy import PolicyConfig
-from flowrl.rewards import RewardSpec
 
 PROMPTS = ["a red circle"] * 2 + ["two squares"] * 2
 
 
 def make_guard(path, **kw):
-    args = dict(
-        policy=PolicyConfig(path, lora_rank=4),
-        rewards=[RewardSpec("jpeg_incompressibility")],
-        group_size=2,
-        resolution=16,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        train_batch_size=2,
-        clip_range=1e-2,
-    )
-    args.update(kw)
-    return GRPOGuard(**args)
+    return make_module(GRPOGuard, path, **{"clip_range": 1e-2, **kw})
 
 
 def test_registered_and_stores_means():

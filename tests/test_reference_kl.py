@@ -3,32 +3,19 @@
 import lightning as L
 import pytest
 import torch
+from tiny import make_module
 from torch import nn
 
 from callbacks import ReferenceModel
 from flowrl.algorithms import GRPO
 from flowrl.data import PromptDataModule
 from flowrl.losses import kl_v_based, kl_x_based
-from flowrl.policy import PolicyConfig
-from flowrl.rewards import RewardSpec
 
 PROMPTS = ["a red circle"] * 2 + ["two squares"] * 2
 
 
 def make_grpo(path, finetune_type="lora", **kw):
-    args = dict(
-        policy=PolicyConfig(path, finetune_type=finetune_type, lora_rank=4),
-        rewards=[RewardSpec("jpeg_incompressibility")],
-        group_size=2,
-        resolution=16,
-        num_inference_steps=4,
-        guidance_scale=3.0,
-        train_batch_size=2,
-        clip_range=1e-2,
-        noise_level=0.7,
-    )
-    args.update(kw)
-    return GRPO(**args)
+    return make_module(GRPO, path, finetune_type=finetune_type, **{"clip_range": 1e-2, "noise_level": 0.7, **kw})
 
 
 def attach(module, *callbacks):
