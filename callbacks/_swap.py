@@ -1,7 +1,7 @@
 """Temporarily load other values into a module's parameters and restore them exactly afterwards.
 
 Shared by :class:`~callbacks.ema.EMA` (swap the average in) and :class:`~callbacks.reference.ReferenceModel`
-(swap the frozen reference in). Depends on ``torch`` only.
+(swap the frozen reference in), with the copy of the trained parameters both keep. Depends on ``torch`` only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,66 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["restore_parameters", "swap_parameters"]
+__all__ = ["SAME_AS_MODEL", "check_device_option", "copy_trained_parameters", "named_parameters_of",
+           "restore_parameters", "swap_parameters"]
+
+SAME_AS_MODEL = "same_as_model"
+
+
+def check_device_option(option: str, value: str) -> None:
+    """Raise a ``ValueError`` naming ``option`` unless ``value`` is a torch device string or ``SAME_AS_MODEL``."""
+    if value == SAME_AS_MODEL:
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{option} {value!r} is not a device; use 'cpu', 'cuda', 'cuda:<index>', any torch device string, "
+            f"or {SAME_AS_MODEL!r}."
+        ) from err
+
+
+def _resolve_device(value: str, param_device: torch.device) -> torch.device:
+    if value == SAME_AS_MODEL:
+        return param_device
+    dev = torch.device(value)
+    if dev.index is None and dev.type == param_device.type:
+        return param_device
+    return dev
+
+
+def copy_trained_parameters(
+    module: torch.nn.Module, owner: str, option: str, device: str, promote_to_float32: bool = False
+) -> dict[str, torch.Tensor]:
+    """Detached copies of ``module``'s parameters that require gradients, keyed by name, on ``device`` (an
+    option value checked by :func:`check_device_option`; ``SAME_AS_MODEL`` keeps each parameter's device).
+    With ``promote_to_float32``, low-precision parameters are copied in float32."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            dtype = torch.promote_types(p.dtype, torch.float32) if promote_to_float32 else p.dtype
+            try:
+                out[name] = p.detach().to(device=_resolve_device(device, p.device), dtype=dtype, copy=True)
+            except (RuntimeError, AssertionError) as err:
+                raise RuntimeError(
+                    f"{owner}: cannot keep the copy on {option}={device!r} ({err}). Use 'cpu', "
+                    f"'{SAME_AS_MODEL}', or a device this machine has."
+                ) from err
+    return out
+
+
+def named_parameters_of(module: torch.nn.Module, names, owner: str) -> dict[str, torch.nn.Parameter]:
+    """``module``'s parameters called ``names``; a clear error when the module lacks some (another module)."""
+    all_params = dict(module.named_parameters())
+    missing = [n for n in names if n not in all_params]
+    if missing:
+        raise RuntimeError(
+            f"{owner}: the module has no parameters named {missing[:5]} (of {len(missing)}); the copy was built "
+            f"for another module. Pass the module the {owner} callback was fitted with."
+        )
+    return {n: all_params[n] for n in names}
 
 
 def restore_parameters(params: Mapping[str, torch.nn.Parameter], backup: Mapping[str, torch.Tensor]) -> None:

@@ -21,13 +21,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._swap import swap_parameters
+from ._swap import check_device_option, copy_trained_parameters, named_parameters_of, swap_parameters
 
 __all__ = ["EMA", "EMA_DECAY_SCHEDULES", "decay_at"]
 
 EMA_DECAY_SCHEDULES = ("constant", "power", "linear", "piecewise_linear", "cosine", "warmup_cosine")
 
-_SAME_AS_MODEL = "same_as_model"
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -173,14 +172,7 @@ class EMA(pl.Callback):
         _check_unit_interval("initial_decay", initial_decay)
         if int(ema_update_interval) != ema_update_interval or ema_update_interval < 1:
             raise ValueError(f"ema_update_interval must be an integer >= 1; got {ema_update_interval!r}.")
-        if ema_device != _SAME_AS_MODEL:
-            try:
-                torch.device(ema_device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"ema_device {ema_device!r} is not a device; use 'cpu', 'cuda', 'cuda:<index>', any torch "
-                    f"device string, or {_SAME_AS_MODEL!r}."
-                ) from err
+        check_device_option("ema_device", ema_device)
         for name, value in (("flat_steps", flat_steps), ("warmup_steps", warmup_steps)):
             if int(value) != value or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
@@ -381,42 +373,15 @@ class EMA(pl.Callback):
     # ------------------------------------------------------------------ internals
     def _named_trained_params(self, pl_module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         assert self._ema is not None
-        all_params = dict(pl_module.named_parameters())
-        missing = [n for n in self._ema if n not in all_params]
-        if missing:
-            raise RuntimeError(
-                f"EMA: the module has no parameters named {missing[:5]} (of {len(missing)}); the EMA was built "
-                "for another module. Pass the module the EMA callback was fitted with."
-            )
-        return {n: all_params[n] for n in self._ema}
-
-    def _resolve_device(self, param_device: torch.device) -> torch.device:
-        if self.ema_device == _SAME_AS_MODEL:
-            return param_device
-        dev = torch.device(self.ema_device)
-        if dev.index is None and dev.type == param_device.type:
-            return param_device
-        return dev
+        return named_parameters_of(pl_module, self._ema, "EMA")
 
     def _initialize(self, pl_module: torch.nn.Module) -> None:
         if not self.enabled:
             self._ema = {}
             return
-        trained = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        if not trained:
+        ema = copy_trained_parameters(pl_module, "EMA", "ema_device", self.ema_device, promote_to_float32=True)
+        if not ema:
             rank_zero_warn("EMA: the module has no parameters that require gradients; nothing is averaged.")
-        ema: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, p in trained:
-                device = self._resolve_device(p.device)
-                dtype = torch.promote_types(p.dtype, torch.float32)
-                try:
-                    ema[name] = p.detach().to(device=device, dtype=dtype, copy=True)
-                except (RuntimeError, AssertionError) as err:
-                    raise RuntimeError(
-                        f"EMA: cannot keep the average on ema_device={self.ema_device!r} ({err}). Use 'cpu', "
-                        f"'{_SAME_AS_MODEL}', or a device this machine has."
-                    ) from err
         self._ema = ema
         self.num_updates = 0
         self._counted_batches = 0

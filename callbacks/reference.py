@@ -29,13 +29,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._swap import swap_parameters
+from ._swap import check_device_option, copy_trained_parameters, named_parameters_of, swap_parameters
 
 __all__ = ["KL_TYPES", "ReferenceModel"]
 
 KL_TYPES = ("x-based", "v-based")
 
-_SAME_AS_MODEL = "same_as_model"
 
 
 class ReferenceModel(pl.Callback):
@@ -62,14 +61,7 @@ class ReferenceModel(pl.Callback):
             raise ValueError(f"kl_beta must be a finite number >= 0 (0 disables the KL term); got {kl_beta!r}.")
         if kl_type not in KL_TYPES:
             raise ValueError(f"Unknown kl_type {kl_type!r}; choose one of {', '.join(map(repr, KL_TYPES))}.")
-        if ref_param_device != _SAME_AS_MODEL:
-            try:
-                torch.device(ref_param_device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(
-                    f"ref_param_device {ref_param_device!r} is not a device; use 'cpu', {_SAME_AS_MODEL!r}, "
-                    "'cuda', 'cuda:<index>' or any torch device string."
-                ) from err
+        check_device_option("ref_param_device", ref_param_device)
         self.kl_beta = kl_beta
         self.kl_type = kl_type
         self.ref_param_device = ref_param_device
@@ -108,21 +100,10 @@ class ReferenceModel(pl.Callback):
                 self._uses_context = True
                 self._built = True
                 return
-        trained = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        if not trained:
+        ref = copy_trained_parameters(pl_module, "ReferenceModel", "ref_param_device", self.ref_param_device)
+        if not ref:
             rank_zero_warn("ReferenceModel: the module has no parameters that require gradients; the reference "
                            "is the module itself.")
-        ref: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, p in trained:
-                device = self._resolve_device(p.device)
-                try:
-                    ref[name] = p.detach().to(device=device, copy=True)
-                except (RuntimeError, AssertionError) as err:
-                    raise RuntimeError(
-                        f"ReferenceModel: cannot keep the reference on ref_param_device={self.ref_param_device!r} "
-                        f"({err}). Use 'cpu', '{_SAME_AS_MODEL}', or a device this machine has."
-                    ) from err
         self._ref = ref
         self._built = True
 
@@ -187,23 +168,8 @@ class ReferenceModel(pl.Callback):
             self._pending_state = state_dict
 
     # ------------------------------------------------------------------ internals
-    def _resolve_device(self, param_device: torch.device) -> torch.device:
-        if self.ref_param_device == _SAME_AS_MODEL:
-            return param_device
-        dev = torch.device(self.ref_param_device)
-        if dev.index is None and dev.type == param_device.type:
-            return param_device
-        return dev
-
     def _named_params(self, pl_module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        all_params = dict(pl_module.named_parameters())
-        missing = [n for n in self._ref if n not in all_params]
-        if missing:
-            raise RuntimeError(
-                f"ReferenceModel: the module has no parameters named {missing[:5]} (of {len(missing)}); the "
-                "reference was built for another module."
-            )
-        return {n: all_params[n] for n in self._ref}
+        return named_parameters_of(pl_module, self._ref, "ReferenceModel")
 
     def _maybe_apply_pending(self, pl_module: torch.nn.Module) -> None:
         """Outside fit (``trainer.validate(ckpt_path=...)``): build, then load the checkpoint's reference."""

@@ -79,5 +79,10 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``flowrl`` command: exit status 0 on success (``main`` returns the CLI object for scripts)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -22,7 +22,8 @@ PromptSource = str | list[str]
 def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
     """A list of prompts from an inline list, a ``.txt`` file (one per line) or a ``.jsonl`` file
     (one object per line with a ``"prompt"`` field). ``toy:<name>`` is a prompt file of the toy world
-    (``toy:train``, ``toy:heldout``, ``toy:eval``: the held-out prompts balanced over categories)."""
+    (``toy:train``, ``toy:train_balanced``: the training prompts with every category equally likely,
+    ``toy:heldout``, ``toy:eval``: the held-out prompts balanced over categories)."""
     if isinstance(source, (list, tuple)):
         prompts = [str(p) for p in source]
         origin = "the inline list"

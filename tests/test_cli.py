@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from flowrl.cli import main, trainer_type_from_args
+from flowrl.cli import console_main, main, trainer_type_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
@@ -113,3 +113,14 @@ def test_empty_prompt_file_fails_before_work(tiny_sd3_path, prompt_file, tmp_pat
     with pytest.raises((ValueError, SystemExit)) as info:
         main(args)
     assert "no prompts" in str(info.value) + capsys.readouterr().err
+
+
+def test_console_command_exits_zero_after_training(tiny_sd3_path, prompt_file, tmp_path, monkeypatch):
+    """``flowrl fit ...`` (the console script) must end with status 0, not print the CLI object and exit 1."""
+    import sys
+
+    config = next(c for c in CONFIGS if os.sep + "sd3" + os.sep in c)
+    argv = ["flowrl", "fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert console_main() is None

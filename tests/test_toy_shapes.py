@@ -148,6 +148,18 @@ def test_prompt_files_match_split():
     assert S.read_prompt_file("train") == train
     assert S.read_prompt_file("heldout") == held
     assert S.read_prompt_file("eval") == S.balanced_eval_prompts()
+    assert S.read_prompt_file("train_balanced") == S.balanced_train_prompts()
+
+
+def test_balanced_train_prompts_weigh_categories_equally():
+    train, _ = S.split_prompts()
+    prompts = S.balanced_train_prompts()
+    assert set(prompts) == set(train)  # every training prompt kept, none held out
+    counts = Counter(S.parse_prompt(p).category for p in prompts)
+    largest = max(Counter(S.parse_prompt(p).category for p in train).values())
+    assert set(counts) == set(S.CATEGORIES) and set(counts.values()) == {largest}
+    with pytest.raises(ValueError, match="split"):
+        S.balanced_prompts("eval", 4)
 
 
 def test_balanced_eval_prompts_are_heldout_and_balanced():

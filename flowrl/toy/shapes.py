@@ -318,31 +318,52 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.2) -> tuple[list[st
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
-def balanced_eval_prompts(per_category: int = 32, seed: int = 0) -> list[str]:
-    """Held-out prompts with ``per_category`` entries in every category (repeating the prompts of small
-    categories, sampling the large ones), so that each category's accuracy has the same sample size and
-    the overall accuracy (the mean over categories) is not dominated by sampling noise of a 2-prompt one."""
+def balanced_prompts(split: str, per_category: int, seed: int = 0) -> list[str]:
+    """Prompts of ``split`` ("train" or "heldout") with ``per_category`` entries in every category (small
+    categories' prompts repeated, large ones sampled without replacement), in category order."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    pool = split_prompts()[0 if split == "train" else 1]
     rng = np.random.default_rng(seed)
     out = []
     for category in CATEGORIES:
-        prompts = [p for p in split_prompts()[1] if parse_prompt(p).category == category]
+        prompts = [p for p in pool if parse_prompt(p).category == category]
         order = [prompts[i] for i in rng.permutation(len(prompts))]
         out += [order[i % len(order)] for i in range(per_category)]
     return out
 
 
+def balanced_eval_prompts(per_category: int = 32, seed: int = 0) -> list[str]:
+    """Held-out prompts with ``per_category`` entries in every category, so that each category's accuracy
+    has the same sample size and the overall accuracy (the mean over categories) is not dominated by
+    sampling noise of a 2-prompt one."""
+    return balanced_prompts("heldout", per_category, seed)
+
+
+def balanced_train_prompts(seed: int = 0) -> list[str]:
+    """Training prompts with every category equally likely (as many entries per category as the largest
+    category has prompts). The raw split is 71% position prompts, where a fresh model almost never
+    scores, so uniform sampling over it would spend most of the RL budget on all-zero groups while the
+    evaluation weighs the five categories equally."""
+    pool = split_prompts()[0]
+    largest = max(sum(parse_prompt(p).category == c for p in pool) for c in CATEGORIES)
+    return balanced_prompts("train", largest, seed)
+
+
 def write_prompt_files(directory: str | Path = PROMPTS_DIR) -> None:
     """Writes ``train.txt`` and ``heldout.txt`` (one prompt a line) of the default :func:`split_prompts`,
-    and ``eval.txt``, the category-balanced validation list of :func:`balanced_eval_prompts`."""
+    ``train_balanced.txt`` (:func:`balanced_train_prompts`) and ``eval.txt``, the category-balanced
+    validation list of :func:`balanced_eval_prompts`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, prompts in zip(("train", "heldout"), split_prompts()):
         (directory / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    (directory / "train_balanced.txt").write_text("\n".join(balanced_train_prompts()) + "\n")
     (directory / "eval.txt").write_text("\n".join(balanced_eval_prompts()) + "\n")
 
 
 def read_prompt_file(name: str) -> list[str]:
-    """The prompts of the shipped ``train``, ``heldout`` or ``eval`` file."""
+    """The prompts of the shipped ``train``, ``train_balanced``, ``heldout`` or ``eval`` file."""
     return [line for line in (PROMPTS_DIR / f"{name}.txt").read_text().splitlines() if line.strip()]
 
 
