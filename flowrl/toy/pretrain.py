@@ -15,7 +15,9 @@ Two stages, both on images rendered on the fly from the *train* prompts of
 
 The result is a plain diffusers ``save_pretrained`` directory that loads with
 ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
-The default step count fits in 30 minutes on 2 CPU cores. The model is deliberately undertrained on
+The default step count fits in 30 minutes on 2 quiet CPU cores (about 25). On cores shared with other
+jobs, set ``OMP_WAIT_POLICY=PASSIVE`` before starting: OpenMP's default spin-waiting then makes each step
+several times slower (it costs about 30% on quiet cores, so it is not forced). The model is deliberately undertrained on
 the hard categories (counting, position), so that RL fine-tuning has headroom.
 """
 
@@ -527,10 +529,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # On shared cores, OpenMP's default spin-waiting makes each step up to ~10x slower as soon as
-        # another job competes for the CPUs (measured: 8 s instead of 0.6 s per step). The policy is read
-        # when torch loads its OpenMP runtime, so set it and restart the interpreter once.
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "flowrl.toy.pretrain", *sys.argv[1:]])
     main()
