@@ -30,19 +30,25 @@ def test_encode_latents_velocity_decode_shapes(tiny_sd3_path):
     assert sigmas.shape == (6,) and sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
 
 
-def test_guidance_combines_branches_and_uncond_has_no_grad(tiny_sd3_path):
-    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full")
-    cond = policy.encode_prompt(["a red circle"])
-    x = torch.randn(1, 4, 16, 16)
-    v_c = policy.velocity(x, 0.7, cond, 1.0)
-    v_u = policy.velocity(x, 0.7, policy.null_condition(1), 1.0)
-    v_g = policy.velocity(x, 0.7, cond, 4.0)
+@pytest.mark.parametrize("uncond_gradient", [True, False])
+def test_guidance_combines_branches_with_the_chosen_gradient(tiny_sd3_path, uncond_gradient):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="full", uncond_gradient=uncond_gradient)
+    cond = policy.encode_prompt(["a red circle", "two blue squares"])
+    x = torch.randn(2, 4, 16, 16)
+    sigma = torch.tensor([0.7, 0.4])
+    v_c = policy.velocity(x, sigma, cond, 1.0)
+    v_u = policy.velocity(x, sigma, policy.null_condition(2), 1.0)
+    v_g = policy.velocity(x, sigma, cond, 4.0)
     torch.testing.assert_close(v_g, v_u + 4.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
-    # Gradient flows through the conditional branch only: d v_g / d(v_c) = 4.
     param = next(policy.trainable_parameters())
-    (g_guided,) = torch.autograd.grad(v_g.sum(), param, allow_unused=True)
-    (g_cond,) = torch.autograd.grad(policy.velocity(x, 0.7, cond, 1.0).sum(), param)
-    torch.testing.assert_close(g_guided, 4.0 * g_cond, rtol=1e-3, atol=1e-5)
+    (g_guided,) = torch.autograd.grad(v_g.sum(), param)
+    (g_cond,) = torch.autograd.grad(v_c.sum(), param, retain_graph=True)
+    (g_uncond,) = torch.autograd.grad(v_u.sum(), param)
+    # d v_g = 4 d v_c - 3 d v_u (Flow-GRPO's gradient of the guided policy), or 4 d v_c with the
+    # unconditional branch treated as a constant.
+    expected = 4.0 * g_cond - 3.0 * g_uncond if uncond_gradient else 4.0 * g_cond
+    torch.testing.assert_close(g_guided, expected, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(g_uncond, torch.zeros_like(g_uncond))
 
 
 def test_lora_trains_only_adapters_and_can_be_disabled(tiny_sd3_path):

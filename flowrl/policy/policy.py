@@ -49,6 +49,7 @@ class PolicyConfig:
     revision: str | None = None
     variant: str | None = None
     gradient_checkpointing: bool = False
+    uncond_gradient: bool = True
 
     def __post_init__(self):
         if self.finetune_type not in FINETUNE_TYPES:
@@ -96,8 +97,10 @@ class FlowMatchingPolicy(nn.Module):
         max_sequence_length: int | None = None,
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        uncond_gradient: bool = True,
     ):
         super().__init__()
+        self.uncond_gradient = uncond_gradient
         if finetune_type not in FINETUNE_TYPES:
             raise ValueError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
         self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length)
@@ -203,17 +206,27 @@ class FlowMatchingPolicy(nn.Module):
     ) -> torch.Tensor:
         """Velocity in float32, with classifier-free guidance when ``guidance_scale > 1``.
 
-        The conditional branch keeps the autograd graph; the unconditional one runs without gradient.
+        With ``uncond_gradient`` (the default) both branches run as one batch and both keep the autograd
+        graph: the gradient of the guided velocity, as Flow-GRPO trains it. With ``uncond_gradient=False``
+        the unconditional branch runs separately without gradient (less activation memory; the update
+        then ignores how the parameters move the unconditional prediction). Sampling and training take
+        the same path, so on-policy log-probabilities reproduce exactly either way.
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         sigma = sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
-        v = self.adapter.forward(self.transformer, latents, sigma, cond).float()
-        if guidance_scale > 1.0:
-            uncond = uncond if uncond is not None else self.null_condition(latents.shape[0])
+        if guidance_scale <= 1.0:
+            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+        n = latents.shape[0]
+        uncond = uncond if uncond is not None else self.null_condition(n)
+        if self.uncond_gradient:
+            both = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}
+            v_u, v = self.adapter.forward(self.transformer, latents.repeat(2, *[1] * (latents.ndim - 1)),
+                                          sigma.repeat(2), both).float().split(n)
+        else:
+            v = self.adapter.forward(self.transformer, latents, sigma, cond).float()
             with torch.no_grad():
                 v_u = self.adapter.forward(self.transformer, latents, sigma, uncond).float()
-            v = v_u + guidance_scale * (v - v_u)
-        return v
+        return v_u + guidance_scale * (v - v_u)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
