@@ -139,3 +139,16 @@ def test_bitsandbytes_8bit_adamw(tiny_sd3_path, prompt_file):
     states = [s for s in optimizer.state.values() if "state1" in s]
     assert any(s["state1"].dtype == torch.uint8 for s in states)  # the 8-bit path really ran
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+
+
+@pytest.mark.parametrize("same_initial_noise", [True, False])
+def test_same_initial_noise_shares_the_start_within_groups_only(tiny_sd3_path, same_initial_noise):
+    module = make_grpo(tiny_sd3_path, train_steps=[0], num_train_steps=1, same_initial_noise=same_initial_noise)
+    prompts = ["a red circle"] * 2 + ["two squares"] * 2
+    group_ids = torch.tensor([7, 7, 3, 3])
+    start = module.rollout(prompts, group_ids).latents[:, 0]  # the stored input of step 0: the initial noise
+    assert torch.equal(start[0], start[1]) == same_initial_noise
+    assert torch.equal(start[2], start[3]) == same_initial_noise
+    assert not torch.equal(start[0], start[2])
+    rollout = module.rollout(prompts, group_ids)  # the SDE step still explores within a group
+    assert not torch.equal(rollout.next_latents[0, 0], rollout.next_latents[1, 0])

@@ -102,6 +102,7 @@ class FlowRLModule(L.LightningModule):
         clip_range: float | None = 1e-4,
         adv_clip_range: float = 5.0,
         global_std: bool = False,
+        same_initial_noise: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
@@ -117,6 +118,7 @@ class FlowRLModule(L.LightningModule):
         self.num_inner_epochs, self.train_batch_size = num_inner_epochs, train_batch_size
         self.gradient_accumulation_steps, self.max_grad_norm = gradient_accumulation_steps, max_grad_norm
         self.clip_range, self.adv_clip_range, self.global_std = clip_range, adv_clip_range, global_std
+        self.same_initial_noise = same_initial_noise
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
         self._validate_common(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size)
@@ -243,6 +245,7 @@ class FlowRLModule(L.LightningModule):
         generator: torch.Generator,
         train_steps: Sequence[int] = (),
         store: str = "final",
+        latents: torch.Tensor | None = None,
     ) -> Rollout:
         """Sample ``prompts``; steps in ``train_steps`` use the SDE dynamics, the rest the ODE.
 
@@ -254,7 +257,7 @@ class FlowRLModule(L.LightningModule):
         n = len(prompts)
         cond = policy.encode_prompt(prompts)
         sigmas = policy.sigmas(num_inference_steps, height, width)
-        x = policy.prepare_latents(n, height, width, generator)
+        x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
         noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
         trained = sorted(train_steps)
         keep = store == "trajectory" and trained
@@ -279,15 +282,23 @@ class FlowRLModule(L.LightningModule):
         return Rollout(list(prompts), cond, sigmas, trained, _stack_steps(lat), _stack_steps(nxt), _stack_steps(lps),
                        _stack_steps(means), x, images)
 
-    def rollout(self, prompts: Sequence[str]) -> Rollout:
+    def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None) -> Rollout:
+        """Samples of ``prompts`` for training. With ``same_initial_noise``, the members of a group (same
+        ``group_ids`` entry) start from the same noise (DanceGRPO's shared noise): the rewards within a
+        group then differ only through the stochastic (trained) steps, so the group advantage credits
+        those actions instead of the luck of the starting point."""
         steps = self.step_selector.select(self.iteration)
         gen = self._generator(self.iteration, self.global_rank)
+        latents = None
+        if self.same_initial_noise and group_ids is not None:
+            _, member_of = torch.unique(torch.as_tensor(group_ids).cpu(), return_inverse=True)
+            latents = self.policy.prepare_latents(int(member_of.max()) + 1, self.height, self.width, gen)[member_of]
         was_training = self.policy.training
         self.policy.eval()
         try:
             with enter_sampling_contexts(self._trainer, self):
                 return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                                   gen, steps, "trajectory" if self.stores_trajectory else "final")
+                                   gen, steps, "trajectory" if self.stores_trajectory else "final", latents)
         finally:
             self.policy.train(was_training)
 
@@ -313,7 +324,7 @@ class FlowRLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         prompts, group_ids = batch["prompt"], batch["group_id"]
-        rollout = self.rollout(prompts)
+        rollout = self.rollout(prompts, group_ids)
         rewards = self.reward_fn(rollout.images, prompts)
         advantages = self.compute_advantages(rewards, group_ids.cpu()).to(self.device)
         self._log_rewards(rewards)
