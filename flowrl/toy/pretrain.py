@@ -31,7 +31,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -472,21 +472,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        vae_batch_size=args.vae_batch_size,
-        vae_latent_noise=args.vae_latent_noise,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        prompt_dropout=args.prompt_dropout,
-        time_sampling=args.time_sampling,
-        time_shift=args.time_shift,
-        ema_decay=args.ema_decay,
-        bf16=args.bf16,
-    )
+    # every PretrainConfig field that has a command-line option takes its value from there
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)})
     result: dict = {"command": " ".join(["python -m flowrl.toy.pretrain", *argv])}
     if args.eval_only:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.out, text_encoder_3=None, tokenizer_3=None)
