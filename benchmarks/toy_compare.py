@@ -62,9 +62,9 @@ class WallClockBudget(L.Callback):
 
     def _weights(self, trainer, pl_module) -> tuple[dict[str, torch.Tensor], str]:
         if self.eval_weights == "as_configured":
-            emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
-            if emas and emas[0].enabled and emas[0].swap_for_validation and emas[0].averaged_parameters:
-                return {n: t.detach().cpu().clone() for n, t in emas[0].averaged_parameters.items()}, "ema"
+            ema = EMA.used_for_validation(trainer.callbacks)
+            if ema is not None:
+                return {n: t.detach().cpu().clone() for n, t in ema.averaged_parameters.items()}, "ema"
         live = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         return live, "live"
 

@@ -242,6 +242,13 @@ class EMA(pl.Callback):
         """The averages keyed by parameter name (empty before fit start or when disabled). Do not modify."""
         return dict(self._ema or {})
 
+    @staticmethod
+    def used_for_validation(callbacks) -> EMA | None:
+        """The EMA among ``callbacks`` whose average validation runs with (enabled, swapping for validation,
+        already built), or None when validation uses the live weights."""
+        return next((cb for cb in callbacks if isinstance(cb, EMA) and cb.enabled and cb.swap_for_validation
+                     and cb.averaged_parameters), None)
+
     @property
     def is_swapped(self) -> bool:
         return self._backup is not None

@@ -477,3 +477,14 @@ def test_callbacks_package_needs_only_torch_and_lightning():
         "assert new == {'callbacks'}, new"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_used_for_validation_picks_the_built_swapping_ema():
+    model = Regression()
+    disabled, no_swap, used = EMA(ema_decay=0.0), EMA(swap_for_validation=False), EMA()
+    callbacks = [ModelCheckpoint(), disabled, no_swap, used]
+    assert EMA.used_for_validation(callbacks) is None  # nothing built yet
+    for ema in (disabled, no_swap, used):
+        ema.on_fit_start(None, model)
+    assert EMA.used_for_validation(callbacks) is used
+    assert EMA.used_for_validation([no_swap, disabled]) is None

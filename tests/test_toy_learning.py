@@ -12,11 +12,13 @@ The full-length curves of these configs are in the issue notes (``benchmarks/toy
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
+from callbacks import EMA
 from flowrl.cli import main
 from flowrl.toy import TOY_CHECKPOINT
 
@@ -63,11 +65,7 @@ def eval_reward(module) -> float:
 
 def validation_weights(trainer, module):
     """The weights validation uses: the EMA average when an EMA callback swaps one in, else the live ones."""
-    import contextlib
-
-    from callbacks import EMA
-
-    ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.swap_for_validation), None)
+    ema = EMA.used_for_validation(trainer.callbacks)
     return ema.swapped(module) if ema is not None else contextlib.nullcontext()
 
 

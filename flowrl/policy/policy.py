@@ -220,8 +220,8 @@ class FlowMatchingPolicy(nn.Module):
         uncond = uncond if uncond is not None else self.null_condition(n)
         if self.uncond_gradient:
             both = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}
-            v_u, v = self.adapter.forward(self.transformer, latents.repeat(2, *[1] * (latents.ndim - 1)),
-                                          sigma.repeat(2), both).float().split(n)
+            v_u, v = self.adapter.forward(self.transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]),
+                                          both).float().split(n)
         else:
             v = self.adapter.forward(self.transformer, latents, sigma, cond).float()
             with torch.no_grad():
