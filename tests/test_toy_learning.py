@@ -25,13 +25,13 @@ from flowrl.toy import TOY_CHECKPOINT
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm"]
 
-PROMPTS = ["a red circle", "a blue square", "two circles", "a green triangle"]
+PROMPTS = ["a blue square", "two circles", "three blue circles", "a circle"]
 ITERATIONS = 12
 EVAL_SAMPLES_PER_PROMPT = 16
 MARGIN = 0.015
-# Measured on the 2-core CI kind of machine (seeded, so reproducible there): eval reward 0.402 before;
-# after 12 iterations grpo .456, flow_grpo .458, dance_grpo .424, cps_grpo .525, mix_grpo .486,
-# grpo_guard .496, nft .565, awm .435; 26-57 s per config.
+# Prompts the shipped model gets partly right (eval reward 0.25-0.53 each). Measured on the 2-core CI kind of
+# machine (seeded, so reproducible there): eval reward 0.390 before; after 12 iterations grpo .564,
+# flow_grpo .410, dance_grpo .457, cps_grpo .408, mix_grpo .564, grpo_guard .534, nft .464, awm .428.
 LEARNING_RATES: dict[str, float] = {}  # the configs' own learning rate unless listed
 
 

@@ -12,10 +12,15 @@ Two stages, both on images rendered on the fly from the *train* prompts of
 2. the ``SD3Transformer2DModel`` and both CLIP text encoders learn the velocity ``eps - x0`` of the
    rectified flow ``x_sigma = (1 - sigma) x0 + sigma eps`` with 10% prompt dropout to ``""`` (so
    classifier-free guidance works), AdamW with warmup, and an EMA of the weights, which is saved.
+   Training noise levels are logit-normal, shifted toward 1 by ``time_shift`` = the sampler's shift (3):
+   where an object goes and which colour it gets is decided at high noise, and a model that is weak
+   there draws empty or tiny images for prompts that leave a choice open ("a circle"). This shift, with
+   bf16 autocast (7500 instead of 6500 steps in about the same time), doubled held-out accuracy
+   (0.121 -> 0.240 overall, see benchmarks/toy_pretrain.json).
 
 The result is a plain diffusers ``save_pretrained`` directory that loads with
 ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
-The default step count fits in 30 minutes on 2 quiet CPU cores (about 25). On cores shared with other
+The default step count fits in 30 minutes on 2 quiet CPU cores (29.5 measured, bf16 autocast). On cores shared with other
 jobs, set ``OMP_WAIT_POLICY=PASSIVE`` before starting: OpenMP's default spin-waiting then makes each step
 several times slower (it costs about 30% on quiet cores, so it is not forced). The model is deliberately undertrained on
 the hard categories (counting, position), so that RL fine-tuning has headroom.
@@ -62,7 +67,7 @@ class PretrainConfig:
     vae_kl_weight: float = 1e-6
     vae_latent_noise: float = 0.1
     # stage 2: flow matching
-    steps: int = 6500
+    steps: int = 7500
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 200
@@ -70,11 +75,11 @@ class PretrainConfig:
     grad_clip: float = 1.0
     prompt_dropout: float = 0.1
     time_sampling: str = "logit_normal"
-    time_shift: float = 1.0
+    time_shift: float = 3.0  # the sampler's shift: layout and colour are decided at high noise
     logit_mean: float = 0.0
     logit_std: float = 1.0
     ema_decay: float = 0.999
-    bf16: bool = False
+    bf16: bool = True  # bf16 autocast: about 1.2x more steps in the same time on a CPU
     # architecture (passed to build_tiny_sd3_pipeline)
     architecture: dict = field(
         default_factory=lambda: dict(
