@@ -41,11 +41,15 @@ def test_sigma_sampling_is_in_range_and_shift_moves_mass_up():
         )
         s = pretrain.sample_sigmas(cfg, 4096, gen)
         assert s.shape == (4096,) and s.min() > 0 and s.max() < 1
-    plain = pretrain.sample_sigmas(pretrain.PretrainConfig(time_sampling="uniform"), 4096, gen)
+    plain = pretrain.sample_sigmas(pretrain.PretrainConfig(time_sampling="uniform", time_shift=1.0), 4096, gen)
     shifted = pretrain.sample_sigmas(
         pretrain.PretrainConfig(time_sampling="shifted_uniform", time_shift=3.0), 4096, gen
     )
     assert shifted.mean() > plain.mean() + 0.1
+    # the default (logit-normal shifted by 3, like the sampler) trains high noise levels more than the unshifted one
+    default = pretrain.sample_sigmas(pretrain.PretrainConfig(), 4096, gen)
+    unshifted = pretrain.sample_sigmas(pretrain.PretrainConfig(time_shift=1.0), 4096, gen)
+    assert (default > 0.9).float().mean() > (unshifted > 0.9).float().mean() + 0.1
     with pytest.raises(ValueError, match="time_sampling"):
         pretrain.sample_sigmas(pretrain.PretrainConfig(time_sampling="cosine"), 4, gen)
 
