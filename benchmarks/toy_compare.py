@@ -188,7 +188,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--max-val-prompts", type=int, default=None, help="evaluate on the first N validation prompts only (toy:eval is sorted by category: biased)")
-    p.add_argument("--val-samples-per-prompt", type=int, default=None, help="default: the config's (2)")
+    p.add_argument("--val-samples-per-prompt", type=int, default=None, help="default: the config's data.val_samples_per_prompt")
     p.add_argument("--eval-weights", choices=["as_configured", "live"], default="as_configured",
                    help="as_configured: the EMA average where the config validates with it; live: the trained weights")
     p.add_argument("--override", action="append", default=[], metavar="METHOD:--key=value",
