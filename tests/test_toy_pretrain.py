@@ -94,9 +94,14 @@ def test_pretrain_is_deterministic_from_seed(tmp_path):
 
 def test_eval_writes_benchmark_json(tmp_path, monkeypatch):
     out, bench = tmp_path / "tiny", tmp_path / "bench.json"
+    # a latent-downsampling variant: the evaluation must render and score 32 px images, not latent-sized ones
+    arch = '{"vae_downsample": 1, "latent_channels": 8, "num_layers": 1}'
     pretrain.main(
-        ["--out", str(out), "--vae-steps", "1", "--steps", "1", "--batch-size", "2", "--vae-batch-size", "2"]
-    )
+        ["--out", str(out), "--vae-steps", "1", "--steps", "1", "--batch-size", "2", "--vae-batch-size", "2",
+         "--architecture", arch]
+    )  # fmt: skip
+    assert json.loads((out / "pretrain_config.json").read_text())["architecture"]["vae_downsample"] == 1
+    assert _load(out).vae_scale_factor == 2
     result = pretrain.main(
         ["--out", str(out), "--eval-only", "--eval-samples", "1", "--eval-min-per-category", "1",
          "--eval-steps", "2", "--guidance-scales", "1", "4", "--benchmark-json", str(bench)]
@@ -114,7 +119,7 @@ def test_eval_writes_benchmark_json(tmp_path, monkeypatch):
 def test_shipped_checkpoint_loads_and_generates():
     pipe = _load(SHIPPED)
     assert isinstance(pipe, StableDiffusion3Pipeline)
-    assert pipe.transformer.config.sample_size == 32 and pipe.vae_scale_factor == 1
+    assert pipe.transformer.config.sample_size * pipe.vae_scale_factor == 32  # 32 px images
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size <= 20 * 2**20
     images = _sample(
@@ -145,3 +150,25 @@ def test_latent_normalization_keeps_the_autoencoder_function():
     torch.testing.assert_close(after_rec, before_rec, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(after.mean.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
     assert vae.config.scaling_factor == 1.0 and vae.config.shift_factor == 0.0
+
+
+def test_downsampling_autoencoder_option():
+    from flowrl.toy.pipeline import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(seed=0, sample_size=32, vae_downsample=1, latent_channels=8, num_layers=1)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 2 and pipe.transformer.config.sample_size == 16
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert z.shape == (1, 8, 16, 16)
+    images = _sample(pipe, ["a red circle"])
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="divisible by 2 \\*\\* vae_downsample"):
+        build_tiny_sd3_pipeline(sample_size=20, vae_downsample=2, patch_size=2)
+
+
+@pytest.mark.parametrize("arch", ['{"num_layer": 2}', "[1]", "num_layers=2"])
+def test_bad_architecture_is_refused_before_any_work(tmp_path, arch, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--out", str(tmp_path / "x"), "--architecture", arch])
+    assert "architecture" in capsys.readouterr().err and not (tmp_path / "x").exists()

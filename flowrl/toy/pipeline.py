@@ -58,19 +58,27 @@ def build_tiny_sd3_pipeline(
     text_layers: int = 2,
     latent_channels: int = 4,
     vae_channels: int = 16,
+    vae_downsample: int = 0,
     max_text_length: int = 16,
     shift: float = 3.0,
 ) -> StableDiffusion3Pipeline:
     """A randomly initialised ``StableDiffusion3Pipeline`` small enough for a laptop CPU.
 
     Two CLIP text encoders (each ``text_hidden_size`` wide, together they fill the joint attention
-    width), no T5, and an ``AutoencoderKL`` without downsampling (``vae_scale_factor`` 1), so
-    images are ``sample_size`` pixels square.
+    width), no T5, and an ``AutoencoderKL`` that halves the resolution ``vae_downsample`` times
+    (``vae_scale_factor`` ``2 ** vae_downsample``; 0: latents as large as the image). Images are
+    ``sample_size`` pixels square; the transformer works on ``sample_size / 2 ** vae_downsample``.
     """
+    if vae_downsample < 0 or sample_size % (2**vae_downsample * patch_size):
+        raise ValueError(
+            f"sample_size {sample_size} must be divisible by 2 ** vae_downsample * patch_size "
+            f"= {2 ** max(vae_downsample, 0) * patch_size} (vae_downsample >= 0)"
+        )
     torch.manual_seed(seed)
     joint_dim = 2 * text_hidden_size
+    latent_size = sample_size // 2**vae_downsample
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size,
+        sample_size=latent_size,
         patch_size=patch_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -80,14 +88,15 @@ def build_tiny_sd3_pipeline(
         joint_attention_dim=joint_dim,
         caption_projection_dim=attention_head_dim * num_attention_heads,
         pooled_projection_dim=joint_dim,
-        pos_embed_max_size=max(sample_size // patch_size, 8),
+        pos_embed_max_size=max(latent_size // patch_size, 8),
     )
+    blocks = vae_downsample + 1  # every block but the last halves the resolution
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(vae_channels,),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(vae_channels * 2**i for i in range(blocks)),
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=min(8, vae_channels),

@@ -7,7 +7,7 @@ This script produces the checkpoint shipped in ``flowrl/toy/checkpoint``::
 Two stages, both on images rendered on the fly from the *train* prompts of
 :func:`flowrl.toy.shapes.split_prompts` (the held-out prompts are never seen):
 
-1. the tiny ``AutoencoderKL`` (no downsampling) learns to reconstruct renders, then is frozen and its
+1. the tiny ``AutoencoderKL`` (no downsampling by default; ``--architecture`` changes that) learns to reconstruct renders, then is frozen and its
    ``scaling_factor`` / ``shift_factor`` are set so that latents have zero mean and unit variance;
 2. the ``SD3Transformer2DModel`` and both CLIP text encoders learn the velocity ``eps - x0`` of the
    rectified flow ``x_sigma = (1 - sigma) x0 + sigma eps`` with 10% prompt dropout to ``""`` (so
@@ -92,6 +92,7 @@ class PretrainConfig:
             text_layers=2,
             latent_channels=4,
             vae_channels=16,
+            vae_downsample=0,
             max_text_length=16,
             shift=3.0,
         )
@@ -442,6 +443,20 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike) -> tuple[StableDiffusi
     return pipe, timings
 
 
+def _architecture(text: str) -> dict:
+    from inspect import signature
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); pass an object like '{{\"num_layers\": 6}}'") from None
+    known = set(signature(build_tiny_sd3_pipeline).parameters) - {"seed", "words"}
+    if not isinstance(value, dict) or set(value) - known:
+        bad = sorted(set(value) - known) if isinstance(value, dict) else value
+        raise argparse.ArgumentTypeError(f"unknown architecture keys {bad}; valid keys: {sorted(known)}")
+    return value
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     d = PretrainConfig()
     p = argparse.ArgumentParser(prog="python -m flowrl.toy.pretrain", description=__doc__.split("\n")[0])
@@ -459,6 +474,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling)
     p.add_argument("--time-shift", type=float, default=d.time_shift)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16, help="bf16 autocast")
+    p.add_argument(
+        "--architecture",
+        type=_architecture,
+        default={},
+        help="JSON object of build_tiny_sd3_pipeline arguments that replace the defaults, e.g. "
+        '\'{"vae_downsample": 1, "latent_channels": 8, "num_layers": 6, "num_attention_heads": 3}\'',
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eval", action="store_true", help="evaluate on the held-out prompts after training")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate the pipeline in --out")
@@ -479,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # every PretrainConfig field that has a command-line option takes its value from there
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)})
+    cfg.architecture = {**PretrainConfig().architecture, **args.architecture}  # --architecture overrides keys
     result: dict = {"command": " ".join(["python -m flowrl.toy.pretrain", *argv])}
     if args.eval_only:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.out, text_encoder_3=None, tokenizer_3=None)
@@ -498,8 +521,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval or args.eval_only:
         train_prompts, heldout = shapes.split_prompts(seed=0)
         start = time.time()
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor  # image pixels, not latents
         result["vae_reconstruction"] = vae_reconstruction_accuracy(
-            pipe, SceneSampler(train_prompts + heldout, seed=99, size=pipe.transformer.config.sample_size)
+            pipe, SceneSampler(train_prompts + heldout, seed=99, size=size)
         )
         _log(f"vae reconstruction: {result['vae_reconstruction']}")
         result["heldout"] = []
