@@ -7,8 +7,9 @@ This script produces the checkpoint shipped in ``flowrl/toy/checkpoint``::
 Two stages, both on images rendered on the fly from the *train* prompts of
 :func:`flowrl.toy.shapes.split_prompts` (the held-out prompts are never seen):
 
-1. the tiny ``AutoencoderKL`` (no downsampling by default; ``--architecture`` changes that) learns to reconstruct renders, then is frozen and its
-   ``scaling_factor`` / ``shift_factor`` are set so that latents have zero mean and unit variance;
+1. the tiny ``AutoencoderKL`` (no downsampling unless ``--architecture`` asks for it) learns to
+   reconstruct renders, then is frozen and its ``scaling_factor`` / ``shift_factor`` are set so that
+   latents have zero mean and unit variance;
 2. the ``SD3Transformer2DModel`` and both CLIP text encoders learn the velocity ``eps - x0`` of the
    rectified flow ``x_sigma = (1 - sigma) x0 + sigma eps`` with 10% prompt dropout to ``""`` (so
    classifier-free guidance works), AdamW with warmup, and an EMA of the weights, which is saved.
@@ -29,6 +30,7 @@ the hard categories (counting, position), so that RL fine-tuning has headroom.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -176,6 +178,11 @@ def encode_images(
     dist = pipe.vae.encode(pixels * 2 - 1).latent_dist
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
     return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+def image_size(pipe: StableDiffusion3Pipeline) -> int:
+    """The pipeline's image side in pixels (the latent grid times the VAE's downsampling)."""
+    return pipe.transformer.config.sample_size * pipe.vae_scale_factor
 
 
 @torch.no_grad()
@@ -384,7 +391,7 @@ def evaluate(
     correct: dict[str, list[float]] = defaultdict(list)
     scores: dict[str, list[float]] = defaultdict(list)
     gen = torch.Generator().manual_seed(seed)
-    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    size = image_size(pipe)
     for i in range(0, len(flat), batch_images):
         chunk = flat[i : i + batch_images]
         images = pipe(
@@ -444,13 +451,11 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike) -> tuple[StableDiffusi
 
 
 def _architecture(text: str) -> dict:
-    from inspect import signature
-
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"not JSON ({err}); pass an object like '{{\"num_layers\": 6}}'") from None
-    known = set(signature(build_tiny_sd3_pipeline).parameters) - {"seed", "words"}
+    known = set(inspect.signature(build_tiny_sd3_pipeline).parameters) - {"seed", "words"}
     if not isinstance(value, dict) or set(value) - known:
         bad = sorted(set(value) - known) if isinstance(value, dict) else value
         raise argparse.ArgumentTypeError(f"unknown architecture keys {bad}; valid keys: {sorted(known)}")
@@ -521,9 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval or args.eval_only:
         train_prompts, heldout = shapes.split_prompts(seed=0)
         start = time.time()
-        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor  # image pixels, not latents
         result["vae_reconstruction"] = vae_reconstruction_accuracy(
-            pipe, SceneSampler(train_prompts + heldout, seed=99, size=size)
+            pipe, SceneSampler(train_prompts + heldout, seed=99, size=image_size(pipe))
         )
         _log(f"vae reconstruction: {result['vae_reconstruction']}")
         result["heldout"] = []
