@@ -451,6 +451,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike) -> tuple[StableDiffusi
 
 
 def _architecture(text: str) -> dict:
+    """``--architecture``: the default architecture with the JSON object's keys replaced."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -459,7 +460,7 @@ def _architecture(text: str) -> dict:
     if not isinstance(value, dict) or set(value) - known:
         bad = sorted(set(value) - known) if isinstance(value, dict) else value
         raise argparse.ArgumentTypeError(f"unknown architecture keys {bad}; valid keys: {sorted(known)}")
-    return value
+    return {**PretrainConfig().architecture, **value}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -482,7 +483,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--architecture",
         type=_architecture,
-        default={},
+        default=d.architecture,
         help="JSON object of build_tiny_sd3_pipeline arguments that replace the defaults, e.g. "
         '\'{"vae_downsample": 1, "latent_channels": 8, "num_layers": 6, "num_attention_heads": 3}\'',
     )
@@ -506,7 +507,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # every PretrainConfig field that has a command-line option takes its value from there
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)})
-    cfg.architecture = {**PretrainConfig().architecture, **args.architecture}  # --architecture overrides keys
     result: dict = {"command": " ".join(["python -m flowrl.toy.pretrain", *argv])}
     if args.eval_only:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.out, text_encoder_3=None, tokenizer_3=None)
