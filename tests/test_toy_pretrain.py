@@ -98,9 +98,10 @@ def test_eval_writes_benchmark_json(tmp_path, monkeypatch):
     arch = '{"vae_downsample": 1, "latent_channels": 8, "num_layers": 1}'
     pretrain.main(
         ["--out", str(out), "--vae-steps", "1", "--steps", "1", "--batch-size", "2", "--vae-batch-size", "2",
-         "--architecture", arch]
+         "--architecture", arch, "--object-sizes", "8", "10"]
     )  # fmt: skip
-    assert json.loads((out / "pretrain_config.json").read_text())["architecture"]["vae_downsample"] == 1
+    saved_config = json.loads((out / "pretrain_config.json").read_text())
+    assert saved_config["architecture"]["vae_downsample"] == 1 and saved_config["object_sizes"] == [8, 10]
     assert _load(out).vae_scale_factor == 2
     result = pretrain.main(
         ["--out", str(out), "--eval-only", "--eval-samples", "1", "--eval-min-per-category", "1",
@@ -172,3 +173,10 @@ def test_bad_architecture_is_refused_before_any_work(tmp_path, arch, capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--out", str(tmp_path / "x"), "--architecture", arch])
     assert "architecture" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("sizes", [["4", "10"], ["10", "8"], ["8", "13"]])
+def test_bad_object_sizes_are_refused_before_any_work(tmp_path, sizes):
+    with pytest.raises(ValueError, match="6 <= lo <= hi <= 12"):
+        pretrain.main(["--out", str(tmp_path / "x"), "--object-sizes", *sizes])
+    assert not (tmp_path / "x").exists()

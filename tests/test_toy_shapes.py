@@ -263,3 +263,27 @@ def test_render_speed():
         S.render(s, 32, rng)
     per_image = (time.perf_counter() - t) / len(scenes)
     assert per_image < 1e-3, f"{per_image * 1e3:.3f} ms per image"  # ~0.04 ms measured; loose for shared CPUs
+
+
+@pytest.mark.parametrize("sizes", [(8, 10), (9, 9), (12, 12)])
+def test_render_object_sizes_option(sizes):
+    from flowrl.toy.verifier import verify
+
+    rng = np.random.default_rng(0)
+    seen, correct = set(), []
+    for _ in range(200):
+        scene = S.sample_scene(rng)
+        img, placed = S.render_with_layout(scene, 32, rng, object_sizes=sizes)
+        seen |= {p.size for p in placed}
+        correct.append(verify(img, S.prompt_of(scene)).correct)
+    assert seen == set(range(sizes[0], sizes[1] + 1))
+    assert np.mean(correct) >= 0.99  # the verifier reads such renders as well as the default ones
+
+
+def test_bad_object_sizes_name_the_fix():
+    scene = S.parse_prompt("a red circle left of a blue square")
+    for bad in [(5, 8), (9, 8), (8, 13), (8,), (8.0, 9)]:
+        with pytest.raises(ValueError, match="object_sizes"):
+            S.render(scene, 32, object_sizes=bad)
+    with pytest.raises(ValueError, match="smaller object_sizes or a bigger image"):
+        S.render(scene, 20, object_sizes=(12, 12))

@@ -19,6 +19,9 @@ Two stages, both on images rendered on the fly from the *train* prompts of
    bf16 autocast (7500 instead of 6500 steps in about the same time), doubled held-out accuracy
    (0.121 -> 0.240 overall, see benchmarks/toy_pretrain.json).
 
+``--object-sizes LO HI`` narrows the range of object sides (6..11 px at 32 px by default) in the training
+images; ``--architecture`` changes the model (see ``benchmarks/toy_pretrain_variants.json`` for both).
+
 The result is a plain diffusers ``save_pretrained`` directory that loads with
 ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
 The default step count fits in 30 minutes on 2 quiet CPU cores (29.5 measured, bf16 autocast). On cores shared with other
@@ -81,6 +84,8 @@ class PretrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     ema_decay: float = 0.999
+    # the data: object sides at 32 px (the verifier reads any of them; fewer, bigger sizes are easier to draw)
+    object_sizes: tuple[int, int] = shapes.DEFAULT_OBJECT_SIZES
     bf16: bool = True  # bf16 autocast: about 1.2x more steps in the same time on a CPU
     # architecture (passed to build_tiny_sd3_pipeline)
     architecture: dict = field(
@@ -100,21 +105,30 @@ class PretrainConfig:
         )
     )
 
+    def __post_init__(self):
+        self.object_sizes = shapes.check_object_sizes(self.object_sizes)  # bad sizes fail before any work
+
 
 # --------------------------------------------------------------------------------------------- data
 class SceneSampler:
-    """Renders (image, prompt) batches from a fixed prompt list: a uniform category, then a uniform prompt."""
+    """Renders (image, prompt) batches from a fixed prompt list: a uniform category, then a uniform prompt.
 
-    def __init__(self, prompts: Sequence[str], seed: int, size: int = 32):
+    ``object_sizes``: the range of object sides at 32 px (see :func:`flowrl.toy.shapes.object_size_range`).
+    """
+
+    def __init__(
+        self, prompts: Sequence[str], seed: int, size: int = 32, object_sizes: Sequence[int] | None = None
+    ):
         self.prompts = tuple(prompts)
         self.rng = np.random.default_rng(seed)
         self.size = size
+        self.object_sizes = shapes.check_object_sizes(object_sizes)
 
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         images, prompts = [], []
         for _ in range(batch_size):
             scene = shapes.sample_scene(self.rng, prompts=self.prompts)
-            images.append(shapes.render(scene, size=self.size, rng=self.rng))
+            images.append(shapes.render(scene, size=self.size, rng=self.rng, object_sizes=self.object_sizes))
             prompts.append(shapes.prompt_of(scene))
         pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
         return pixels, prompts
@@ -435,8 +449,9 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike) -> tuple[StableDiffusi
     gen = torch.Generator().manual_seed(cfg.seed)
     size = cfg.architecture["sample_size"]
 
-    vae_s = train_vae(pipe, cfg, SceneSampler(train_prompts, seed=cfg.seed * 1000 + 1, size=size), gen)
-    flow_s = train_flow(pipe, cfg, SceneSampler(train_prompts, seed=cfg.seed * 1000 + 2, size=size), gen)
+    sizes = cfg.object_sizes
+    vae_s = train_vae(pipe, cfg, SceneSampler(train_prompts, cfg.seed * 1000 + 1, size, sizes), gen)
+    flow_s = train_flow(pipe, cfg, SceneSampler(train_prompts, cfg.seed * 1000 + 2, size, sizes), gen)
     timings = {
         "vae_s": round(vae_s, 1),
         "flow_s": round(flow_s, 1),
@@ -479,6 +494,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-dropout", type=float, default=d.prompt_dropout)
     p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default=d.time_sampling)
     p.add_argument("--time-shift", type=float, default=d.time_shift)
+    p.add_argument(
+        "--object-sizes",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=d.object_sizes,
+        help="range of object sides at 32 px in the training images, 6 <= LO <= HI <= 12 (default %(default)s)",
+    )
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16, help="bf16 autocast")
     p.add_argument(
         "--architecture",
@@ -526,8 +549,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.eval or args.eval_only:
         train_prompts, heldout = shapes.split_prompts(seed=0)
         start = time.time()
+        sizes = result.get("config", {}).get("object_sizes")  # the sizes it was trained on
         result["vae_reconstruction"] = vae_reconstruction_accuracy(
-            pipe, SceneSampler(train_prompts + heldout, seed=99, size=image_size(pipe))
+            pipe, SceneSampler(train_prompts + heldout, seed=99, size=image_size(pipe), object_sizes=sizes)
         )
         _log(f"vae reconstruction: {result['vae_reconstruction']}")
         result["heldout"] = []

@@ -422,10 +422,32 @@ def shape_mask(shape: str, d: int) -> np.ndarray:
     return m
 
 
-def object_size_range(size: int) -> tuple[int, int]:
-    """Inclusive range of object box sides at image ``size`` (6..11 px at 32 px, scaled; never below 6)."""
-    lo = max(6, round(6 * size / 32))
-    hi = max(lo + 1, round(11 * size / 32))
+#: inclusive range of object box sides at 32 px (scaled with the image size)
+DEFAULT_OBJECT_SIZES = (6, 11)
+
+
+def check_object_sizes(object_sizes: Sequence[int] | None) -> tuple[int, int]:
+    """``object_sizes`` (None = :data:`DEFAULT_OBJECT_SIZES`) as a validated ``(lo, hi)`` at 32 px.
+
+    Sides below 6 px leave too few pixels to tell a shape; above 12 px four objects no longer fit.
+    """
+    if object_sizes is None:
+        return DEFAULT_OBJECT_SIZES
+    vals = tuple(object_sizes)
+    if len(vals) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+        raise ValueError(f"object_sizes must be two integers (lo, hi), got {object_sizes!r}")
+    lo, hi = int(vals[0]), int(vals[1])
+    if not 6 <= lo <= hi <= 12:
+        raise ValueError(f"object_sizes must satisfy 6 <= lo <= hi <= 12 (box sides at 32 px), got ({lo}, {hi})")
+    return lo, hi
+
+
+def object_size_range(size: int, object_sizes: Sequence[int] | None = None) -> tuple[int, int]:
+    """Inclusive range of object box sides at image ``size``: ``object_sizes`` (default 6..11), the sides
+    at 32 px, scaled (never below 6; at least two sizes with the default)."""
+    lo32, hi32 = check_object_sizes(object_sizes)
+    lo = max(6, round(lo32 * size / 32))
+    hi = max(lo + (lo32 < hi32), round(hi32 * size / 32))
     return lo, hi
 
 
@@ -441,8 +463,7 @@ _COLOR_NAMES = tuple(COLORS)
 _COLOR_ARR = {k: np.array(v, np.uint8) for k, v in COLORS.items()}
 
 
-def _place_free(rng: np.random.Generator, shapes_colors, size: int) -> list[Placed]:
-    lo, hi = object_size_range(size)
+def _place_free(rng: np.random.Generator, shapes_colors, size: int, lo: int, hi: int) -> list[Placed]:
     border, gap, _ = _layout_params(size)
     n = len(shapes_colors)
     for attempt in range(200):
@@ -470,8 +491,9 @@ def _place_free(rng: np.random.Generator, shapes_colors, size: int) -> list[Plac
     raise RuntimeError(f"could not place {n} objects in a {size}px image")
 
 
-def _place_relation(rng: np.random.Generator, first, second, relation: str, size: int) -> list[Placed]:
-    lo, hi = object_size_range(size)
+def _place_relation(
+    rng: np.random.Generator, first, second, relation: str, size: int, lo: int, hi: int
+) -> list[Placed]:
     border, _, margin = _layout_params(size)
     # P is left of (or above) Q; place along the main axis "u", across it "v", then map to (y, x)
     p, q = (first, second) if relation in ("left of", "above") else (second, first)
@@ -497,12 +519,20 @@ def _place_relation(rng: np.random.Generator, first, second, relation: str, size
 
 
 def render_with_layout(
-    scene: Scene, size: int = 32, rng: np.random.Generator | None = None
+    scene: Scene,
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+    object_sizes: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[Placed]]:
     """Like :func:`render`, also returning the objects drawn (colours resolved, boxes): for a relation in
     the order of ``scene.objects``, otherwise in random order."""
     if size < 20:
         raise ValueError(f"image size must be at least 20 px, got {size}")
+    lo, hi = object_size_range(size, object_sizes)
+    border, gap, margin = _layout_params(size)
+    if 2 * lo + max(gap, margin) + 2 * border > size:  # two objects side by side (a relation, a 2x2 count)
+        raise ValueError(f"objects of at least {lo} px do not fit twice across a {size}px image; "
+                         "use smaller object_sizes or a bigger image")
     rng = np.random.default_rng() if rng is None else rng
     rand_colors = rng.integers(len(_COLOR_NAMES), size=8)
     objs = []
@@ -512,9 +542,9 @@ def render_with_layout(
             objs.append((o.shape, o.color or _COLOR_NAMES[int(rand_colors[k % 8])]))
             k += 1
     if scene.relation is not None:
-        placed = _place_relation(rng, objs[0], objs[1], scene.relation, size)
+        placed = _place_relation(rng, objs[0], objs[1], scene.relation, size, lo, hi)
     else:
-        placed = _place_free(rng, objs, size)
+        placed = _place_free(rng, objs, size, lo, hi)
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUND
     for p in placed:
@@ -522,7 +552,13 @@ def render_with_layout(
     return img, placed
 
 
-def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+def render(
+    scene: Scene,
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+    object_sizes: Sequence[int] | None = None,
+) -> np.ndarray:
     """A random ``uint8 (size, size, 3)`` image of ``scene``: exact counts, relations with a clear margin,
-    random sizes and positions, objects never touching, unspecified colours random."""
-    return render_with_layout(scene, size, rng)[0]
+    random sizes (``object_sizes``, see :func:`object_size_range`) and positions, objects never touching,
+    unspecified colours random."""
+    return render_with_layout(scene, size, rng, object_sizes)[0]
