@@ -444,10 +444,15 @@ def check_object_sizes(object_sizes: Sequence[int] | None) -> tuple[int, int]:
 
 def object_size_range(size: int, object_sizes: Sequence[int] | None = None) -> tuple[int, int]:
     """Inclusive range of object box sides at image ``size``: ``object_sizes`` (default 6..11), the sides
-    at 32 px, scaled (never below 6; at least two sizes with the default)."""
+    at 32 px, scaled (never below 6; at least two sizes with the default). Raises if two objects of the
+    smallest size cannot stand side by side in the image."""
     lo32, hi32 = check_object_sizes(object_sizes)
     lo = max(6, round(lo32 * size / 32))
     hi = max(lo + (lo32 < hi32), round(hi32 * size / 32))
+    border, gap, margin = _layout_params(size)
+    if 2 * lo + max(gap, margin) + 2 * border > size:  # two objects side by side (a relation, a 2x2 count)
+        raise ValueError(f"objects of at least {lo} px do not fit twice across a {size}px image; "
+                         "use smaller object_sizes or a bigger image")
     return lo, hi
 
 
@@ -497,7 +502,7 @@ def _place_relation(
     border, _, margin = _layout_params(size)
     # P is left of (or above) Q; place along the main axis "u", across it "v", then map to (y, x)
     p, q = (first, second) if relation in ("left of", "above") else (second, first)
-    while True:  # terminates: size >= 20 fits two objects of the smallest size
+    while True:  # terminates: object_size_range checked that two objects of size lo fit
         dp, dq = (int(v) for v in rng.integers(lo, hi + 1, size=2))
         free = size - 2 * border - dp - dq
         if free >= margin:
@@ -529,10 +534,6 @@ def render_with_layout(
     if size < 20:
         raise ValueError(f"image size must be at least 20 px, got {size}")
     lo, hi = object_size_range(size, object_sizes)
-    border, gap, margin = _layout_params(size)
-    if 2 * lo + max(gap, margin) + 2 * border > size:  # two objects side by side (a relation, a 2x2 count)
-        raise ValueError(f"objects of at least {lo} px do not fit twice across a {size}px image; "
-                         "use smaller object_sizes or a bigger image")
     rng = np.random.default_rng() if rng is None else rng
     rand_colors = rng.integers(len(_COLOR_NAMES), size=8)
     objs = []
