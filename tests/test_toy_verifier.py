@@ -158,6 +158,38 @@ def test_graded_position():
     assert not verify(diag, "a blue square above a green triangle").correct
 
 
+def test_shapes_read_by_template_overlap():
+    """A shape is the template it overlaps best: small defects of a generated object do not unmake it, odd
+    blobs (elongated, or matching no template) have no shape."""
+    red = S.COLORS["red"]
+
+    def shape_of(mask):
+        img = np.zeros((32, 32, 3), np.uint8)
+        img[8 : 8 + mask.shape[0], 8 : 8 + mask.shape[1]][mask] = red
+        (blob,) = detect(img)
+        return blob.shape
+
+    for shape in S.SHAPES:
+        for d in range(6, 13):
+            assert shape_of(S.shape_mask(shape, d)) == shape, (shape, d)
+    circle = S.shape_mask("circle", 9).copy()
+    circle[7:, 3:6] = True  # bottom-heavy by a few pixels: the old centre-of-mass rule said "no shape"
+    assert shape_of(circle) == "circle"
+    square = S.shape_mask("square", 10).copy()
+    square[0, 0] = square[9, 9] = square[0, 9] = False  # three corners nicked
+    assert shape_of(square) == "square"
+    triangle = S.shape_mask("triangle", 10).copy()
+    triangle[9, 0] = False
+    assert shape_of(triangle) == "triangle"
+    assert shape_of(np.ones((5, 12), bool)) is None  # a rectangle is no square
+    ring = np.ones((10, 10), bool)
+    ring[2:8, 2:8] = False  # a hollow frame matches no template well
+    assert shape_of(ring) is None
+    cross = np.zeros((10, 10), bool)
+    cross[4:6] = cross[:, 4:6] = True
+    assert shape_of(cross) is None
+
+
 def test_garbage_images_score_low():
     rng = np.random.default_rng(0)
     prompts = [S.prompt_of(S.sample_scene(rng)) for _ in range(200)]
