@@ -107,7 +107,9 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(labels, [r["agreement"] for r in steps], "o-", label="pass/fail agreement")
     ax.plot(labels, [r["score_correlation"] for r in steps], "s-", label="graded score correlation")
-    ax.axhline(result["independent_starts"]["agreement"], color="gray", ls="--", label="agreement, unrelated samples")
+    ref = result["independent_starts"]
+    ax.axhline(ref["agreement"], color="C0", ls="--", lw=1, label="agreement, unrelated samples")
+    ax.axhline(ref["score_correlation"], color="C1", ls="--", lw=1, label="correlation, unrelated samples")
     ax.set_xlabel("stochastic step (and its sigma); ODE elsewhere")
     ax.set_ylim(0, 1.02)
     ax.set_title("Two noise draws at one step, same start: how alike the outcomes are")
