@@ -130,17 +130,17 @@ def _classify(comp, ry, rx, h, w, sizes, min_side, max_side):
     """Shape names (or None) of blobs from their pixels (``comp`` the blob of each pixel, ``ry, rx`` its
     place in the blob's box) and boxes ``h x w``: the best-overlapping template, if its IoU is at least
     :data:`MIN_SHAPE_IOU` and the box is square enough (a rectangle is no square) and neither tiny nor huge."""
-    ph, pw = h[comp], w[comp]
-    ious = []
-    for shape in _SHAPE_NAMES:
-        inter = np.bincount(comp, weights=_in_template(shape, ry, rx, ph, pw), minlength=len(h))
-        area = np.array([_template_area(shape, int(a), int(b)) for a, b in zip(h, w)], np.float64)
-        ious.append(inter / (sizes + area - inter))
-    ious = np.stack(ious, 1)
-    best = ious.argmax(1)
     aspect = h / w
     side = np.maximum(h, w)
     ok = (aspect >= 0.7) & (aspect <= 1.43) & (side >= min_side) & (side <= max_side)
+    ph, pw = h[comp], w[comp]
+    ious = np.zeros((len(h), len(_SHAPE_NAMES)))
+    for j, shape in enumerate(_SHAPE_NAMES):
+        inter = np.bincount(comp, weights=_in_template(shape, ry, rx, ph, pw), minlength=len(h))
+        area = np.ones(len(h))  # only blobs that pass the box checks need their template's area
+        area[ok] = [_template_area(shape, int(a), int(b)) for a, b in zip(h[ok], w[ok])]
+        ious[:, j] = inter / (sizes + area - inter)
+    best = ious.argmax(1)
     ok &= ious[np.arange(len(h)), best] >= MIN_SHAPE_IOU
     out = np.full(len(h), None, object)
     out[ok] = np.array(_SHAPE_NAMES, object)[best[ok]]
