@@ -41,13 +41,22 @@ def _agreement(a: dict, b: dict) -> dict:
         "accuracy": [round(float(p), 4), round(float(q), 4)],
         "agreement": round(float((a["correct"] == b["correct"]).mean()), 4),
         "chance_agreement": round(float(p * q + (1 - p) * (1 - q)), 4),
-        "score_correlation": round(float(np.corrcoef(a["score"], b["score"])[0, 1]), 4),
+        # None when a side's scores are all equal (no correlation to speak of)
+        "score_correlation": round(float(np.corrcoef(a["score"], b["score"])[0, 1]), 4)
+        if a["score"].std() > 0 and b["score"].std() > 0
+        else None,
     }
 
 
 def run(config: str, samples: int, overrides: list[str]) -> dict:
     cli = main(
-        ["--config", config, "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+        [
+            "--config",
+            config,
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+        ]
         + overrides,
         run=False,
     )
@@ -55,17 +64,30 @@ def run(config: str, samples: int, overrides: list[str]) -> dict:
     module.policy.eval()
     reward = next(iter(module.reward_fn.rewards.values()))
     if not hasattr(reward, "evaluate"):
-        raise SystemExit(f"the config's first reward ({type(reward).__name__}) is no verifier with evaluate(); use a toy config")
+        raise SystemExit(
+            f"the config's first reward ({type(reward).__name__}) has no evaluate(): use a toy config"
+        )
     prompts = [p for p in cli.datamodule.val_prompts for _ in range(samples)]
     n_steps, size = module.num_inference_steps, module.height
     sigmas = module.policy.sigmas(n_steps, size, size).tolist()
 
     def outcome(latents: torch.Tensor, steps: list[int], seed: int) -> dict:
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            images = module.sample(prompts, size, size, n_steps, module.guidance_scale, torch.Generator().manual_seed(seed),
-                                   train_steps=steps, latents=latents.clone()).images.float()
+            images = module.sample(
+                prompts,
+                size,
+                size,
+                n_steps,
+                module.guidance_scale,
+                torch.Generator().manual_seed(seed),
+                train_steps=steps,
+                latents=latents.clone(),
+            ).images.float()
         verdicts = reward.evaluate(images, prompts)
-        return {"correct": np.array([v.correct for v in verdicts]), "score": np.array([v.score for v in verdicts])}
+        return {
+            "correct": np.array([v.correct for v in verdicts]),
+            "score": np.array([v.score for v in verdicts]),
+        }
 
     def start(seed: int) -> torch.Tensor:
         return module.policy.prepare_latents(len(prompts), size, size, torch.Generator().manual_seed(seed))
@@ -96,6 +118,10 @@ def run(config: str, samples: int, overrides: list[str]) -> dict:
     return result
 
 
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -106,10 +132,18 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{r['step']}\n{r['sigma']:.2f}" for r in steps]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(labels, [r["agreement"] for r in steps], "o-", label="pass/fail agreement")
-    ax.plot(labels, [r["score_correlation"] for r in steps], "s-", label="graded score correlation")
+    ax.plot(
+        labels, [_nan_if_none(r["score_correlation"]) for r in steps], "s-", label="graded score correlation"
+    )
     ref = result["independent_starts"]
     ax.axhline(ref["agreement"], color="C0", ls="--", lw=1, label="agreement, unrelated samples")
-    ax.axhline(ref["score_correlation"], color="C1", ls="--", lw=1, label="correlation, unrelated samples")
+    ax.axhline(
+        _nan_if_none(ref["score_correlation"]),
+        color="C1",
+        ls="--",
+        lw=1,
+        label="correlation, unrelated samples",
+    )
     ax.set_xlabel("stochastic step (and its sigma); ODE elsewhere")
     ax.set_ylim(0, 1.02)
     ax.set_title("Two noise draws at one step, same start: how alike the outcomes are")

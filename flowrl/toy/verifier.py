@@ -21,8 +21,8 @@ graded reward in [0, 1], the mean over the prompt's requirement units:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
