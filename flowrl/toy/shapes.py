@@ -403,21 +403,26 @@ class Placed:
     size: int
 
 
+def in_shape(shape: str, ry, rx, h, w) -> np.ndarray:
+    """Whether pixel ``(ry, rx)`` (row, column; arrays broadcast) of an ``h x w`` box lies in a filled ``shape``
+    that touches all four sides of the box: the one geometry of the renderer and of the verifier's templates."""
+    if shape == "square":
+        return np.ones(np.broadcast(ry, rx, h, w).shape, bool)
+    if shape == "circle":
+        # radius a little under the half side: small circles stay visibly round (fill ~0.67-0.79, never ~0.9)
+        radius = 0.5 - 0.2 / np.maximum(h, w)
+        return ((ry + 0.5) / h - 0.5) ** 2 + ((rx + 0.5) / w - 0.5) ** 2 <= radius**2
+    if shape == "triangle":
+        # apex row on top (1-2 px), full-width base at the bottom
+        return np.abs((rx + 0.5) / w - 0.5) <= (ry + 1) / (2 * h) + 1e-9
+    raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
+
+
 @functools.cache
 def shape_mask(shape: str, d: int) -> np.ndarray:
     """Boolean ``(d, d)`` mask of a filled ``shape`` that touches all four sides of its box."""
-    c = np.arange(d) + 0.5
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    if shape == "square":
-        m = np.ones((d, d), bool)
-    elif shape == "circle":
-        # radius a little under d/2: small circles stay visibly round (fill ~0.67-0.79, never ~0.9)
-        m = (yy - d / 2) ** 2 + (xx - d / 2) ** 2 <= (d / 2 - 0.2) ** 2
-    elif shape == "triangle":
-        # apex row on top (1-2 px), full-width base at the bottom
-        m = np.abs(xx - d / 2) <= (np.arange(d)[:, None] + 1) / 2 + 1e-9
-    else:
-        raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
+    ry, rx = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+    m = in_shape(shape, ry, rx, d, d)
     m.setflags(write=False)
     return m
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from flowrl.rewards.base import register_reward
-from flowrl.toy.shapes import CATEGORIES, COLORS, Scene, parse_prompt
+from flowrl.toy.shapes import CATEGORIES, COLORS, Scene, in_shape, parse_prompt
 
 _NAMES = tuple(COLORS)
 _COLS = np.array(list(COLORS.values()), np.float32)  # (6, 3)
@@ -109,21 +109,10 @@ MIN_SHAPE_IOU = 0.7
 _SHAPE_NAMES = ("circle", "square", "triangle")
 
 
-def _in_template(shape: str, ry, rx, h, w):
-    """Whether pixel ``(ry, rx)`` of an ``h x w`` box lies in ``shape`` drawn to fill that box (as the renderer
-    draws it when ``h == w``: a circle of radius a little under half the side, an upright triangle)."""
-    if shape == "square":
-        return np.ones(np.broadcast(ry, rx, h, w).shape, bool)
-    if shape == "circle":
-        d = np.maximum(h, w)
-        return ((ry + 0.5) / h - 0.5) ** 2 + ((rx + 0.5) / w - 0.5) ** 2 <= (0.5 - 0.2 / d) ** 2
-    return np.abs((rx + 0.5) / w - 0.5) <= (ry + 1) / (2 * h) + 1e-9  # triangle
-
-
 @functools.cache
 def _template_area(shape: str, h: int, w: int) -> int:
     ry, rx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    return int(_in_template(shape, ry, rx, h, w).sum())
+    return int(in_shape(shape, ry, rx, h, w).sum())
 
 
 def _classify(comp, ry, rx, h, w, sizes, min_side, max_side):
@@ -136,7 +125,7 @@ def _classify(comp, ry, rx, h, w, sizes, min_side, max_side):
     ph, pw = h[comp], w[comp]
     ious = np.zeros((len(h), len(_SHAPE_NAMES)))
     for j, shape in enumerate(_SHAPE_NAMES):
-        inter = np.bincount(comp, weights=_in_template(shape, ry, rx, ph, pw), minlength=len(h))
+        inter = np.bincount(comp, weights=in_shape(shape, ry, rx, ph, pw), minlength=len(h))
         area = np.ones(len(h))  # only blobs that pass the box checks need their template's area
         area[ok] = [_template_area(shape, int(a), int(b)) for a, b in zip(h[ok], w[ok])]
         ious[:, j] = inter / (sizes + area - inter)
