@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from flowrl.rewards.base import register_reward
-from flowrl.toy.shapes import CATEGORIES, COLORS, Scene, in_shape, parse_prompt
+from flowrl.toy.shapes import CATEGORIES, COLORS, SHAPES, Scene, in_shape, parse_prompt
 
 _NAMES = tuple(COLORS)
 _COLS = np.array(list(COLORS.values()), np.float32)  # (6, 3)
@@ -106,7 +106,6 @@ def _components(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 #: a blob is read as the shape whose template (the shape drawn in the blob's box) it overlaps best, when that
 #: intersection-over-union is at least this; renders, blurred or not, score >= 0.8 for their own shape.
 MIN_SHAPE_IOU = 0.7
-_SHAPE_NAMES = ("circle", "square", "triangle")
 
 
 @functools.cache
@@ -123,8 +122,8 @@ def _classify(comp, ry, rx, h, w, sizes, min_side, max_side):
     side = np.maximum(h, w)
     ok = (aspect >= 0.7) & (aspect <= 1.43) & (side >= min_side) & (side <= max_side)
     ph, pw = h[comp], w[comp]
-    ious = np.zeros((len(h), len(_SHAPE_NAMES)))
-    for j, shape in enumerate(_SHAPE_NAMES):
+    ious = np.zeros((len(h), len(SHAPES)))
+    for j, shape in enumerate(SHAPES):
         inter = np.bincount(comp, weights=in_shape(shape, ry, rx, ph, pw), minlength=len(h))
         area = np.ones(len(h))  # only blobs that pass the box checks need their template's area
         area[ok] = [_template_area(shape, int(a), int(b)) for a, b in zip(h[ok], w[ok])]
@@ -132,7 +131,7 @@ def _classify(comp, ry, rx, h, w, sizes, min_side, max_side):
     best = ious.argmax(1)
     ok &= ious[np.arange(len(h)), best] >= MIN_SHAPE_IOU
     out = np.full(len(h), None, object)
-    out[ok] = np.array(_SHAPE_NAMES, object)[best[ok]]
+    out[ok] = np.array(SHAPES, object)[best[ok]]
     return out
 
 
