@@ -9,9 +9,13 @@ from collections.abc import Sequence
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from flowrl.algorithms import ALGORITHMS
+from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.data import PromptDataModule
+from flowrl.errors import ConfigError
+from flowrl.precision import resolve_precision
 
 DEFAULT_TRAINER_TYPE = "grpo"
 
@@ -50,7 +54,7 @@ def trainer_type_from_args(args: Sequence[str]) -> str:
                 found = data["trainer_type"]
     found = found or DEFAULT_TRAINER_TYPE
     if found not in ALGORITHMS:
-        raise SystemExit(f"error: trainer_type {found!r} is unknown; choose one of {sorted(ALGORITHMS)}")
+        raise ConfigError(f"trainer_type {found!r} is unknown; choose one of {sorted(ALGORITHMS)}")
     return found
 
 
@@ -64,10 +68,47 @@ class FlowRLCLI(LightningCLI):
         )
         parser.link_arguments("model.group_size", "data.group_size")
 
+    def before_instantiate_classes(self) -> None:
+        """An unset ``trainer.precision`` on a CPU run becomes what the CPU computes natively (:mod:`flowrl.precision`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        chosen, why = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+        if why is not None:
+            config.trainer.precision = chosen
+            rank_zero_info(why)
+
+    def instantiate_classes(self) -> None:
+        """Errors raised while the configured classes are built are configuration errors (no work started)."""
+        try:
+            super().instantiate_classes()
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from e
+
+
+def model_keys_from_args(args: Sequence[str]) -> set[str]:
+    """The top-level ``model`` options a command line sets, in its ``--config`` files or as ``--model.X``."""
+    keys: set[str] = set()
+    for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
+        text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict):
+            keys |= set(model.get("init_args", model) if "class_path" in model else model)
+    for a in args:
+        if a.startswith("--model.") and not a.startswith("--model.init_args."):
+            keys.add(a[len("--model."):].split("=", 1)[0].split(".", 1)[0])
+    return keys
+
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
     argv = list(sys.argv[1:] if args is None else args)
     trainer_type = trainer_type_from_args(argv)
+    # An option of another trainer gets a message naming that trainer (jsonargparse would only say "unknown key").
+    refuse_options_of_other_trainers(ALGORITHMS[trainer_type], model_keys_from_args(argv))
     return FlowRLCLI(
         ALGORITHMS[trainer_type],
         PromptDataModule,
@@ -79,9 +120,20 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
     )
 
 
-def console_main() -> None:
-    """The ``flowrl`` command: exit status 0 on success (``main`` returns the CLI object for scripts)."""
-    main()
+def console_main(args: Sequence[str] | None = None) -> None:
+    """The ``flowrl`` command: exit status 0 on success, 2 with one ``error:`` line for a refused configuration.
+
+    ``--debug`` (or ``FLOWRL_DEBUG=1``) shows the traceback of a refused configuration as well."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("FLOWRL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

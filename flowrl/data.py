@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from flowrl.errors import ConfigError
+
 PromptSource = str | list[str]
 
 
@@ -38,14 +40,14 @@ def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
             for i, line in enumerate(lines):
                 record = json.loads(line)
                 if "prompt" not in record:
-                    raise ValueError(f"{name}: line {i + 1} of {path} has no 'prompt' field")
+                    raise ConfigError(f"{name}: line {i + 1} of {path} has no 'prompt' field")
                 prompts.append(str(record["prompt"]))
         else:
             prompts = lines
         origin = path
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
-        raise ValueError(f"{name}: {origin} holds no prompts; add at least one non-empty line")
+        raise ConfigError(f"{name}: {origin} holds no prompts; add at least one non-empty line")
     return prompts
 
 
@@ -122,10 +124,10 @@ class GroupBatchSampler(Sampler[list[tuple[int, int]]]):
 
 def validate_group_batch(group_size: int, batch_size: int) -> None:
     if group_size < 2:
-        raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 samples per prompt; set group_size >= 2")
+        raise ConfigError(f"group_size={group_size}: group-relative advantages need at least 2 samples per prompt; set group_size >= 2")
     if batch_size < group_size or batch_size % group_size:
         lower = max(group_size, batch_size // group_size * group_size)
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={batch_size} does not divide into whole groups of group_size={group_size}; "
             f"use a multiple of {group_size} (e.g. {lower} or {lower + group_size})"
         )

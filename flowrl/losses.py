@@ -4,8 +4,11 @@ Pure functions on tensors. Conventions:
 
 * per-sample quantities are ``(B,)``; "mean over dims" means over every non-batch dimension;
 * losses are returned as float32 scalars (AWM is computed in float64 and cast at the end);
-* ``clip_range`` None or ``<= 0`` means the ratio is not clipped (plain ``mean(-A * ratio)``);
-  ``adv_clip_range`` None or ``<= 0`` means the advantages are not clamped;
+* ``clip_range`` is ``c`` (the ratio is clipped to ``[1 - c, 1 + c]``) or a ``[low, high]`` pair
+  (``[1 + low, 1 + high]``, ``low < 0 < high``: the guide's system's form; ``c`` equals ``[-c, c]``);
+  None or a float ``<= 0`` means the ratio is not clipped (plain ``mean(-A * ratio)``);
+* ``adv_clip_range`` likewise: ``c`` clamps the advantages to ``[-c, c]``, ``[low, high]`` to that
+  range; None or a float ``<= 0`` means they are not clamped;
 * everything on the "old"/reference side (old log-probs, old/ref/EMA velocities and means) is
   detached here, so no gradient can flow into a frozen network by accident.
 
@@ -16,12 +19,14 @@ Returned dicts hold the differentiable ``loss`` plus detached diagnostics: per-s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "AWM_WEIGHTINGS",
+    "as_range",
     "awm_log_prob",
     "awm_loss",
     "clamp_advantages",
@@ -58,31 +63,44 @@ def _as_column(t: Tensor | float, like: Tensor) -> Tensor:
     return col.reshape((like.shape[0],) + (1,) * (like.ndim - 1))
 
 
-def _clip_active(clip_range: float | None) -> bool:
-    return clip_range is not None and clip_range > 0
+Range = float | Sequence[float]
 
 
-def clamp_advantages(advantages: Tensor, adv_clip_range: float | None) -> Tensor:
-    """``clamp(A, -adv_clip_range, adv_clip_range)``; unchanged if the range is None or <= 0."""
-    if adv_clip_range is None or adv_clip_range <= 0:
-        return advantages
-    return advantages.clamp(-adv_clip_range, adv_clip_range)
+def as_range(value: Range | None) -> tuple[float, float] | None:
+    """``c -> (-c, c)``, ``[low, high] -> (low, high)``; None or a float ``<= 0`` -> None (no clipping)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (-float(value), float(value)) if value > 0 else None
+    low, high = (float(v) for v in value)
+    if not low < 0 < high:
+        raise ValueError(f"a [low, high] range needs low < 0 < high, got {list(value)}")
+    return low, high
 
 
-def _clipped_terms(ratio: Tensor, advantages: Tensor, clip_range: float | None) -> tuple[Tensor, Tensor]:
-    """Per-sample ``max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))`` and the clip mask ``|ratio - 1| > c``."""
+def clamp_advantages(advantages: Tensor, adv_clip_range: Range | None) -> Tensor:
+    """``clamp(A, low, high)`` with ``(low, high) = as_range(adv_clip_range)``; unchanged if that is None."""
+    bounds = as_range(adv_clip_range)
+    return advantages if bounds is None else advantages.clamp(*bounds)
+
+
+def _clipped_terms(ratio: Tensor, advantages: Tensor, clip_range: Range | None) -> tuple[Tensor, Tensor]:
+    """Per-sample ``max(-A * ratio, -A * clamp(ratio, 1 + low, 1 + high))`` and the clip mask (ratio outside)."""
     unclipped = -advantages * ratio
-    if not _clip_active(clip_range):
+    bounds = as_range(clip_range)
+    if bounds is None:
         return unclipped, torch.zeros_like(ratio, dtype=torch.bool)
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), (ratio.detach() - 1.0).abs() > clip_range
+    low, high = 1.0 + bounds[0], 1.0 + bounds[1]
+    clipped = -advantages * ratio.clamp(low, high)
+    r = ratio.detach()
+    return torch.maximum(unclipped, clipped), (r < low) | (r > high)
 
 
-def clipped_policy_loss(ratio: Tensor, advantages: Tensor, clip_range: float | None) -> tuple[Tensor, Tensor]:
+def clipped_policy_loss(ratio: Tensor, advantages: Tensor, clip_range: Range | None) -> tuple[Tensor, Tensor]:
     """PPO clipped surrogate.
 
-    ``loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))``;
-    ``clip_fraction = mean(|ratio - 1| > c)`` (detached). With ``c`` None or ``<= 0`` the ratio is
+    ``loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))`` (``1 + low``, ``1 + high`` for a pair);
+    ``clip_fraction = mean(ratio outside that range)`` (detached). With ``c`` None or ``<= 0`` the ratio is
     not clipped: ``loss = mean(-A * ratio)`` and ``clip_fraction = 0``.
     """
     terms, mask = _clipped_terms(ratio, advantages.to(ratio.dtype), clip_range)
@@ -93,8 +111,8 @@ def grpo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
     advantages: Tensor,
-    clip_range: float | None,
-    adv_clip_range: float | None,
+    clip_range: Range | None,
+    adv_clip_range: Range | None,
 ) -> dict[str, Tensor]:
     """Flow-GRPO policy loss at one trained step.
 
@@ -167,14 +185,16 @@ def grpo_guard_loss(
     step_std: Tensor | float,
     dt: Tensor | float,
     advantages: Tensor,
-    clip_range: float | None,
-    adv_clip_range: float | None,
+    clip_range: Range | None,
+    adv_clip_range: Range | None,
+    divide_by_dt: bool = True,
 ) -> dict[str, Tensor]:
     """GRPO-Guard loss: clipped PPO loss on the normalised ratio, reweighted by ``1 / (-dt)``.
 
     ``ratio = exp(guard_log_ratio(...))``; ``loss = mean_i(max(-A_i r_i, -A_i clamp(r_i)) / (-dt_i))``
-    (``dt = sigma_next - sigma < 0``, scalar or per sample). Returns the keys of :func:`grpo_loss`
-    (``approx_kl`` from the plain log-ratio ``log_prob - old_log_prob``).
+    (``dt = sigma_next - sigma < 0``, scalar or per sample). ``divide_by_dt=False`` leaves out the
+    ``1 / (-dt)`` factor (the reweighting then lives only in the ratio's ``scale``). Returns the keys of
+    :func:`grpo_loss` (``approx_kl`` from the plain log-ratio ``log_prob - old_log_prob``).
     """
     log_ratio = guard_log_ratio(log_prob, old_log_prob, mean, old_mean, step_std)
     ratio = torch.exp(log_ratio)
@@ -183,7 +203,7 @@ def grpo_guard_loss(
     terms, mask = _clipped_terms(ratio, adv, clip_range)
     plain = log_prob.detach().to(torch.float32) - old_log_prob.detach().to(torch.float32)
     return {
-        "loss": (terms / neg_dt).mean(),
+        "loss": (terms / neg_dt).mean() if divide_by_dt else terms.mean(),
         "ratio": ratio.detach(),
         "ratio_mean": ratio.detach().mean(),
         "clip_fraction": mask.to(torch.float32).mean(),
@@ -199,13 +219,14 @@ def nft_loss(
     t: Tensor,
     advantages: Tensor,
     nft_beta: float = 1.0,
-    adv_clip_range: float = 5.0,
+    adv_clip_range: Range = 5.0,
     v_ref: Tensor | None = None,
     kl_beta: float = 0.0,
 ) -> dict[str, Tensor]:
     """DiffusionNFT loss (float32).
 
-    With ``c = adv_clip_range``, ``beta = nft_beta`` and ``t`` the per-sample time ``(B,)``::
+    With ``c = adv_clip_range`` (for a ``[low, high]`` pair: A clamped to it, ``c = high``), ``beta = nft_beta``
+    and ``t`` the per-sample time ``(B,)``::
 
         r      = clamp(clamp(A, -c, c) / c / 2 + 0.5, 0, 1)           # optimality probability
         v_pos  = beta * v + (1 - beta) * v_old
@@ -219,16 +240,17 @@ def nft_loss(
     """
     if nft_beta <= 0:
         raise ValueError(f"nft_beta must be > 0, got {nft_beta}")
-    if adv_clip_range is None or adv_clip_range <= 0:
+    bounds = as_range(adv_clip_range)
+    if bounds is None:
         raise ValueError(f"nft_loss needs adv_clip_range > 0 (it maps A to [0, 1]), got {adv_clip_range}")
-    c = float(adv_clip_range)
+    c = bounds[1]  # a [low, high] pair clamps A to it and scales by high, as the guide's system does
     v32 = v.to(torch.float32)
     v_old32 = v_old.detach().to(torch.float32)
     xt = x_t.detach().to(torch.float32)
     target = x0.detach().to(torch.float32)
     tt = _as_column(t.detach(), v32)
 
-    adv = advantages.detach().to(torch.float32).clamp(-c, c)
+    adv = advantages.detach().to(torch.float32).clamp(*bounds)
     r = (adv / c / 2.0 + 0.5).clamp(0.0, 1.0)
 
     def _normalised_mse(v_mix: Tensor) -> Tensor:
@@ -302,8 +324,8 @@ def awm_loss(
     t: Tensor,
     advantages: Tensor,
     weighting: str,
-    clip_range: float | None,
-    adv_clip_range: float | None,
+    clip_range: Range | None,
+    adv_clip_range: Range | None,
     ghuber_power: float = 0.25,
     v_ref: Tensor | None = None,
     kl_beta: float = 0.0,

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from flowrl.cli import console_main, main, trainer_type_from_args
+from flowrl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
@@ -79,7 +80,7 @@ def test_trainer_type_selection(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("trainer_type: grpo\n")
     assert trainer_type_from_args(["--config", str(cfg)]) == "grpo"
-    with pytest.raises(SystemExit, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown"):
         trainer_type_from_args(["--trainer_type", "ppo"])
 
 

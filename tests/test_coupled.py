@@ -6,6 +6,7 @@ import pytest
 from tiny import make_module
 
 from flowrl.algorithms import GRPO
+from flowrl.policy import PolicyConfig
 from flowrl.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,12 +103,15 @@ def test_configuration_errors_name_the_fix(overrides, match, tiny_sd3_path, prom
     assert not os.path.exists(tmp_path / "runs")  # nothing was started
 
 
-def test_x_based_kl_with_zero_noise_is_refused_at_fit_start(tiny_sd3_path):
-    import lightning as L
+@pytest.mark.parametrize("trainer, dynamics_type", [("grpo", "Flow-SDE"), ("grpo", "Dance-SDE"), ("grpo", "CPS"),
+                                                    ("grpo-guard", "Flow-SDE")])  # guard takes Flow-SDE only
+def test_coupled_trainers_refuse_noise_level_zero(tiny_sd3_path, trainer, dynamics_type):
+    """At noise level 0 every trained step has std 0: a constant log-prob and a zero policy gradient."""
+    from flowrl.algorithms import ALGORITHMS
+    from flowrl.errors import ConfigError
 
-    from callbacks import ReferenceModel
+    with pytest.raises(ConfigError, match="noise_level > 0"):
+        ALGORITHMS[trainer](policy=PolicyConfig(tiny_sd3_path, lora_rank=2), dynamics_type=dynamics_type,
+                            noise_level=0.0, resolution=16, num_inference_steps=4, group_size=2)
 
-    module = make_grpo(tiny_sd3_path, noise_level=0.0)
-    module.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[ReferenceModel(0.1, "x-based")])
-    with pytest.raises(ValueError, match="v-based or noise_level > 0"):
-        module._check_kl_reference()
+

@@ -1,7 +1,5 @@
 """Tests for flowrl.dynamics.timesampling."""
 
-import math
-
 import pytest
 import torch
 
@@ -49,17 +47,19 @@ def test_continuous_range_shape_dtype_and_stratification(strategy):
     assert (t[:, :-1] > t[:, 1:]).all()
 
 
-def test_uniform_shift_is_applied_after_the_fraction_range():
-    f, shift = 0.5, 3.0
-    t = sample_train_times("uniform", 512, 2, time_shift=shift, timestep_fraction=f, generator=_gen(1))
-    lo = shift_sigma(1 - f, shift)  # 0.75
-    assert lo == pytest.approx(0.75)
-    assert (t >= lo - 1e-6).all() and (t <= 1).all()
-    # the stratum edge tau = 0.75 maps to shift(0.75) = 2.25/2.5 = 0.9
-    assert (t[:, 0] >= 0.9 - 1e-6).all() and (t[:, 1] <= 0.9 + 1e-6).all()
-    # mean of stratum 0 of uniform: E[shift(tau)], tau ~ U[0.75, 1]; check the warp raises it
-    unshifted = sample_train_times("uniform", 512, 2, timestep_fraction=f, generator=_gen(1))
-    assert (t >= unshifted - 1e-6).all()
+def test_continuous_warps_then_maps_into_the_sigma_range():
+    """REFERENCE_MATH order: draw u in (0, 1), warp it with the SD3 shift, then map it into [1 - f, 1]."""
+    f, shift = 0.3, 3.0
+    t = sample_train_times("uniform", 4096, 2, time_shift=shift, timestep_fraction=f, generator=_gen(1))
+    assert (t >= 0.7 - 1e-6).all() and (t <= 1).all()
+    assert t.min() < 0.71 and t.max() > 0.99  # spans [0.7, 1], not [shift(0.7), 1] = [0.875, 1]
+    # the stratum edge u = 0.5 warps to shift(0.5) = 0.75, then maps to 0.7 + 0.3 * 0.75 = 0.925
+    assert (t[:, 0] >= 0.925 - 1e-6).all() and (t[:, 1] <= 0.925 + 1e-6).all()
+    u = sample_train_times("uniform", 4096, 2, timestep_fraction=1.0, generator=_gen(1))  # same draws, unmapped
+    torch.testing.assert_close(t, 1 - f + f * shift_sigma(u.double(), shift).float(), atol=1e-6, rtol=0)
+    # logit_normal follows the same order
+    ln = sample_train_times("logit_normal", 4096, 2, time_shift=shift, timestep_fraction=f, generator=_gen(1))
+    assert (ln >= 0.7 - 1e-6).all() and ln.min() < 0.75
 
 
 def test_continuous_is_in_open_closed_unit_interval_and_deterministic():
@@ -71,10 +71,21 @@ def test_continuous_is_in_open_closed_unit_interval_and_deterministic():
 
 def test_discrete_all_steps_in_range_when_k_is_none():
     t = sample_train_times("discrete", 3, None, sigmas=SIGMAS, timestep_fraction=0.3)
-    # ceil(0.3 * 10) = 3 steps: sigmas 1.0, 0.9, 0.8 (0.3 * 10 = 3.0000000000000004 must not give 4)
-    torch.testing.assert_close(t, torch.tensor([[1.0, 0.9, 0.8]] * 3))
-    t = sample_train_times("discrete", 2, None, sigmas=SIGMAS, timestep_fraction=0.25)  # ceil(2.5) = 3
+    # the steps at sigma >= 0.7: 1.0, 0.9, 0.8 and 0.7 (float32 0.7 sits just below 0.7: the tolerance keeps it)
+    torch.testing.assert_close(t, torch.tensor([[1.0, 0.9, 0.8, 0.7]] * 3))
+    t = sample_train_times("discrete", 2, None, sigmas=SIGMAS, timestep_fraction=0.25)  # sigma >= 0.75
     assert t.shape == (2, 3)
+
+
+def test_discrete_fraction_is_a_sigma_range_on_a_shifted_schedule():
+    """SD3's 10-step schedule shifted by 3: timestep_fraction 0.3 keeps the steps at sigma >= 0.7, steps 0-5
+    (sigma 1 .. 0.75), as the guide users migrate from does, not the first ceil(0.3 * 10) = 3 steps."""
+    shifted = shift_sigma(torch.linspace(1, 0, 11, dtype=torch.float64), 3.0).float()
+    t = sample_train_times("discrete", 1, None, sigmas=shifted, timestep_fraction=0.3)
+    torch.testing.assert_close(t, shifted[:6].unsqueeze(0))
+    assert shifted[5] >= 0.7 > shifted[6]
+    t = sample_train_times("discrete_wo_init", 1, None, sigmas=shifted, timestep_fraction=0.3)
+    torch.testing.assert_close(t, shifted[1:6].unsqueeze(0))
 
 
 def test_discrete_stratified_draw():
@@ -92,14 +103,11 @@ def test_discrete_with_init_always_includes_step_zero():
     )
     assert (t[:, 0] == 1.0).all()
     idx = torch.round((1 - t[:, 1:]) * 10).long()
-    # the other two stratify steps 1..4: {1, 2} and {3, 4}
-    assert set(idx[:, 0].tolist()) == {1, 2} and set(idx[:, 1].tolist()) == {3, 4}
+    # sigma >= 0.5 keeps steps 0..5; the other two stratify steps 1..5: {1, 2} and {3, 4, 5}
+    assert set(idx[:, 0].tolist()) == {1, 2} and set(idx[:, 1].tolist()) == {3, 4, 5}
     t1 = sample_train_times("discrete_with_init", 4, 1, sigmas=SIGMAS)
     assert torch.equal(t1, torch.ones(4, 1))
-    assert sample_train_times("discrete_with_init", 2, None, sigmas=SIGMAS, timestep_fraction=0.5).shape == (
-        2,
-        5,
-    )
+    assert sample_train_times("discrete_with_init", 2, None, sigmas=SIGMAS, timestep_fraction=0.5).shape == (2, 6)
 
 
 def test_discrete_wo_init_never_includes_step_zero():
@@ -108,9 +116,9 @@ def test_discrete_wo_init_never_includes_step_zero():
     )
     assert (t < 1.0).all()
     idx = torch.round((1 - t) * 10).long()
-    assert set(idx.flatten().tolist()) == {1, 2, 3, 4}
+    assert set(idx.flatten().tolist()) == {1, 2, 3, 4, 5}
     t_all = sample_train_times("discrete_wo_init", 1, None, sigmas=SIGMAS, timestep_fraction=0.5)
-    torch.testing.assert_close(t_all, torch.tensor([[0.9, 0.8, 0.7, 0.6]]))
+    torch.testing.assert_close(t_all, torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]]))
 
 
 def test_shifted_sampler_schedule_is_used_as_is():
@@ -127,7 +135,17 @@ def test_shifted_sampler_schedule_is_used_as_is():
         (dict(strategy="discrete", batch_size=2, num_train_timesteps=11, sigmas=SIGMAS), "at most 10"),
         (
             dict(
-                strategy="discrete", batch_size=2, num_train_timesteps=4, sigmas=SIGMAS, timestep_fraction=0.3
+                strategy="discrete", batch_size=2, num_train_timesteps=5, sigmas=SIGMAS, timestep_fraction=0.3
+            ),
+            "at most 4",
+        ),
+        (
+            dict(
+                strategy="discrete_wo_init",
+                batch_size=2,
+                num_train_timesteps=4,
+                sigmas=SIGMAS,
+                timestep_fraction=0.3,
             ),
             "at most 3",
         ),
@@ -135,19 +153,9 @@ def test_shifted_sampler_schedule_is_used_as_is():
             dict(
                 strategy="discrete_wo_init",
                 batch_size=2,
-                num_train_timesteps=3,
-                sigmas=SIGMAS,
-                timestep_fraction=0.3,
-            ),
-            "at most 2",
-        ),
-        (
-            dict(
-                strategy="discrete_wo_init",
-                batch_size=2,
                 num_train_timesteps=None,
                 sigmas=SIGMAS,
-                timestep_fraction=0.1,
+                timestep_fraction=0.05,
             ),
             "none left",
         ),
@@ -171,4 +179,22 @@ def test_strategies_tuple():
         "discrete_with_init",
         "discrete_wo_init",
     )
-    assert math.ceil(round(0.3 * 10, 9)) == 3
+
+
+@pytest.mark.parametrize("name", ["nft", "awm"])
+def test_shipped_decoupled_configs_train_the_noisiest_six_steps(name):
+    """The toy NFT/AWM configs were tuned on steps 0-5 of the toy sampler's schedule (shift 3, 10 steps);
+    under the sigma-range meaning of timestep_fraction they still train exactly those steps."""
+    import os
+
+    import yaml
+
+    from flowrl.toy import TOY_CHECKPOINT
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = yaml.safe_load(open(os.path.join(root, "lightning_configs", "toy", f"{name}.yaml")))["model"]
+    shift = __import__("json").load(open(TOY_CHECKPOINT / "scheduler" / "scheduler_config.json"))["shift"]
+    n = model["num_inference_steps"]
+    sigmas = shift_sigma(torch.linspace(1, 0, n + 1, dtype=torch.float64), shift).float()
+    t = sample_train_times("discrete", 1, None, sigmas=sigmas, timestep_fraction=model["timestep_fraction"])
+    torch.testing.assert_close(t, sigmas[:6].unsqueeze(0))

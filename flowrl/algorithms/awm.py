@@ -9,6 +9,7 @@ import torch
 
 from flowrl.algorithms.base import Rollout
 from flowrl.algorithms.decoupled import DecoupledModule, _disabled
+from flowrl.errors import ConfigError
 from flowrl.losses import AWM_WEIGHTINGS, awm_loss
 from flowrl.policy import PolicyConfig
 
@@ -36,7 +37,7 @@ class AWM(DecoupledModule):
         awm_weighting: Uniform, t, t**2, huber or ghuber.
         ghuber_power: the power of ``ghuber``.
         ema_kl_beta: weight of the velocity-space KL to the EMA policy (needs ``callbacks.EMA``).
-        clip_range: PPO clip range of the ratio (null or 0 disables clipping). Disabling both this and
+        clip_range: PPO clip range of the ratio, c or [low, high] (null disables clipping). Disabling both this and
             ``ema_kl_beta`` warns loudly: AWM then easily collapses.
     """
 
@@ -52,11 +53,11 @@ class AWM(DecoupledModule):
         **kwargs,
     ):
         if awm_weighting not in AWM_WEIGHTINGS:
-            raise ValueError(f"unknown awm_weighting {awm_weighting!r}; choose one of {', '.join(AWM_WEIGHTINGS)}")
+            raise ConfigError(f"unknown awm_weighting {awm_weighting!r}; choose one of {', '.join(AWM_WEIGHTINGS)}")
         if not ghuber_power > 0:
-            raise ValueError(f"ghuber_power={ghuber_power} must be > 0 (0.25 is the default)")
+            raise ConfigError(f"ghuber_power={ghuber_power} must be > 0 (0.25 is the default)")
         if ema_kl_beta is None or not ema_kl_beta >= 0:
-            raise ValueError(f"ema_kl_beta={ema_kl_beta} must be >= 0 (0 disables the EMA KL term)")
+            raise ConfigError(f"ema_kl_beta={ema_kl_beta} must be >= 0 (0 disables the EMA KL term)")
         if _disabled(ema_kl_beta) and _disabled(clip_range):
             warnings.warn(_UNCONSTRAINED, UserWarning, stacklevel=2)
             log.warning(_UNCONSTRAINED)
@@ -73,7 +74,7 @@ class AWM(DecoupledModule):
         if self.ema_kl_beta > 0:
             ema = self._ema_callback()
             if ema is None:
-                raise ValueError(
+                raise ConfigError(
                     f"ema_kl_beta={self.ema_kl_beta} needs an EMA of the policy, but the trainer has no EMA callback: "
                     "add callbacks.EMA to trainer.callbacks (e.g. ema_decay: 0.9, ema_decay_schedule: power), "
                     "or set model.ema_kl_beta: 0"

@@ -7,6 +7,7 @@ dynamics are allowed (``needs_log_prob``) and how to turn stored data into a los
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -20,8 +21,20 @@ from callbacks import ReferenceModel, enter_sampling_contexts
 from flowrl.advantages import group_advantages
 from flowrl.dynamics import ODE, build_dynamics
 from flowrl.dynamics.selection import StepSelector
+from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
 from flowrl.rewards import RewardSpec, WeightedReward
+from flowrl.validation import check_number, check_range_option
+
+#: upper bound of noise_level per stochastic dynamics: (bound, exclusive, why). Flow-SDE and Dance-SDE at the
+#: first step from sigma 1 (and Dance-SDE at the last) scale x by 1 - a**2 / 2: a < sqrt(2) keeps it positive;
+#: CPS's std = sigma_next * sin(a pi / 2) peaks at a = 1. The actual schedule is checked once the model loads.
+NOISE_LEVEL_LIMITS = {
+    "Flow-SDE": (math.sqrt(2.0), True, " (above sqrt(2) the first step's mean flips the sign of x)"),
+    "Dance-SDE": (math.sqrt(2.0), True, " (above sqrt(2) the last step's mean flips the sign of x)"),
+    "CPS": (1.0, False, " (std = sigma_next * sin(noise_level * pi / 2))"),
+    "ODE": (math.inf, False, ""),
+}
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -31,7 +44,7 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(resolution, int):
         return resolution, resolution
     if len(resolution) != 2:
-        raise ValueError(f"resolution must be an int or [height, width], got {resolution!r}")
+        raise ConfigError(f"resolution must be an int or [height, width], got {resolution!r}")
     return int(resolution[0]), int(resolution[1])
 
 
@@ -78,6 +91,8 @@ class FlowRLModule(L.LightningModule):
     #: also store step means (GRPO-Guard).
     stores_means: bool = False
     trainer_type: str = ""
+    #: options inherited from the base signature that this trainer has no use for: set, they are refused.
+    unused_options: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -89,17 +104,17 @@ class FlowRLModule(L.LightningModule):
         guidance_scale: float = 4.5,
         eval: EvalConfig | None = None,
         dynamics_type: str = "Flow-SDE",
-        noise_level: float = 0.7,
+        noise_level: float | None = None,
         train_steps: list[int] | None = None,
         num_train_steps: int | None = None,
         window_size: int | None = None,
         window_shift_interval: int | None = None,
-        window_stride: int = 1,
+        window_stride: int | None = None,
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
-        clip_range: float | None = 1e-4,
+        clip_range: float | list[float] | None = None,
         adv_clip_range: float = 5.0,
         global_std: bool = False,
         same_initial_noise: bool = False,
@@ -122,12 +137,14 @@ class FlowRLModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
         self._validate_common(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size)
+        self._validate_numbers(resolution, num_inference_steps, guidance_scale, max_grad_norm, clip_range,
+                               adv_clip_range, dynamics_type, noise_level)
 
         # Configuration errors surface here, before any weights load.
         self.dynamics = build_dynamics(dynamics_type, noise_level)
         self.check_dynamics(dynamics_type)
         self.step_selector = StepSelector(num_inference_steps, train_steps, num_train_steps, seed, window_size,
-                                          window_shift_interval, window_stride)
+                                          window_shift_interval, 1 if window_stride is None else window_stride)
         self.ode = ODE()
         self.reward_fn = rewards if callable(rewards) else WeightedReward.from_specs(
             rewards or [RewardSpec("jpeg_compressibility")]
@@ -136,6 +153,7 @@ class FlowRLModule(L.LightningModule):
             policy = PolicyConfig(**policy)
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
+        self._check_schedule()
         eval_h, eval_w = _hw(self.eval_config.resolution or [self.height, self.width])
         self.policy.check_resolution(eval_h, eval_w)
         self.val_metrics = nn.ModuleDict({"reward": MeanMetric()})
@@ -157,24 +175,69 @@ class FlowRLModule(L.LightningModule):
     def check_dynamics(self, dynamics_type: str) -> None:
         """Refuse sampling dynamics this algorithm cannot train with (called in ``__init__``, before loading)."""
         if self.needs_log_prob and not self.dynamics.is_stochastic:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer_type {self.trainer_type!r} needs a tractable log-prob, which dynamics_type {dynamics_type!r} "
                 "does not give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling"
             )
+        if self.needs_log_prob and self.dynamics.noise_level <= 0:
+            raise ConfigError(
+                f"trainer_type {self.trainer_type!r} with dynamics_type {dynamics_type!r} at noise_level "
+                f"{self.dynamics.noise_level}: every trained step then has std 0, a constant log-prob and a zero "
+                "policy gradient (the run would learn nothing); set noise_level > 0 (e.g. 0.7)"
+            )
+
+    def _validate_numbers(self, resolution, num_inference_steps, guidance_scale, max_grad_norm, clip_range,
+                          adv_clip_range, dynamics_type, noise_level) -> None:
+        for h_or_w in _hw(resolution):
+            check_number("resolution", h_or_w, 1)
+        check_number("num_inference_steps", num_inference_steps, 2, hint=" (the last step is never trained)")
+        check_number("guidance_scale", guidance_scale, 1.0, hint=" (1 = no classifier-free guidance)")
+        check_number("max_grad_norm", max_grad_norm, 0, low_open=True, allow_none=True,
+                     hint="; null disables gradient clipping")
+        check_range_option("clip_range", clip_range, what="; null disables clipping")
+        check_range_option("adv_clip_range", adv_clip_range, what="; null disables clamping")
+        limit = NOISE_LEVEL_LIMITS.get(dynamics_type)
+        if noise_level is not None and limit is not None:
+            check_number(f"noise_level (dynamics_type {dynamics_type})", noise_level, 0, limit[0],
+                         high_open=limit[1], hint=limit[2])
+        cfg = self.eval_config
+        if cfg.resolution is not None:
+            for h_or_w in _hw(cfg.resolution):
+                check_number("eval.resolution", h_or_w, 1)
+        check_number("eval.num_inference_steps", cfg.num_inference_steps, 1, allow_none=True)
+        check_number("eval.guidance_scale", cfg.guidance_scale, 1.0, allow_none=True,
+                     hint=" (1 = no classifier-free guidance)")
+
+    def _check_schedule(self) -> None:
+        """The sampler's schedule is known once the policy is loaded: every step the SDE may take must keep
+        a positive coefficient on ``x`` in its mean (else a large noise level flips the sample's sign)."""
+        if not self.dynamics.is_stochastic:
+            return
+        sigmas = self.policy.sigmas(self.num_inference_steps, self.height, self.width).float().cpu()
+        x, zero = torch.ones(1, 1), torch.zeros(1, 1)
+        for i in self.step_selector.train_steps:
+            s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+            out = self.dynamics.step(x, zero, s, s_next, noise=zero)
+            if not (torch.isfinite(out.mean).all() and torch.isfinite(out.std).all() and out.mean.item() > 0):
+                raise ConfigError(
+                    f"noise_level={self.dynamics.noise_level} is too large for dynamics_type {self.dynamics.name!r} "
+                    f"on this schedule: step {i} (sigma {s:.4f} -> {s_next:.4f}) gets a mean coefficient on x of "
+                    f"{out.mean.item():.3f} (it must stay > 0); lower noise_level or use more sampling steps"
+                )
 
     def _validate_common(self, group_size, num_inner_epochs, accumulation, train_batch_size):
         if group_size < 2:
-            raise ValueError(f"group_size={group_size}: group-relative advantages need group_size >= 2")
+            raise ConfigError(f"group_size={group_size}: group-relative advantages need group_size >= 2")
         if num_inner_epochs < 1 or accumulation < 1:
-            raise ValueError("num_inner_epochs and gradient_accumulation_steps must be >= 1")
+            raise ConfigError("num_inner_epochs and gradient_accumulation_steps must be >= 1")
         if train_batch_size is not None and train_batch_size < 1:
-            raise ValueError(f"train_batch_size={train_batch_size} must be >= 1 (or null for the whole batch)")
+            raise ConfigError(f"train_batch_size={train_batch_size} must be >= 1 (or null for the whole batch)")
 
     # ------------------------------------------------------------------ Lightning plumbing
     def configure_optimizers(self):
         params = list(self.policy.trainable_parameters())
         if not params:
-            raise ValueError("the policy has no trainable parameters; check finetune_type / target_modules")
+            raise ConfigError("the policy has no trainable parameters; check finetune_type / target_modules")
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -184,7 +247,7 @@ class FlowRLModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         data_group = getattr(datamodule, "group_size", None)
         if data_group is not None and data_group != self.group_size:
-            raise ValueError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
+            raise ConfigError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
         self._check_kl_reference()
 
     def on_save_checkpoint(self, checkpoint):
@@ -217,13 +280,10 @@ class FlowRLModule(L.LightningModule):
     def _check_kl_reference(self) -> None:
         ref = self.kl_reference
         if ref is not None and ref.kl_type == "x-based" and not self.dynamics.is_stochastic:
-            raise ValueError(
+            raise ConfigError(
                 f"kl_type 'x-based' compares the SDE step means, which dynamics_type {self.dynamics.name!r} "
                 "does not have; use kl_type: v-based or stochastic dynamics"
             )
-        if ref is not None and ref.kl_type == "x-based" and self.dynamics.noise_level == 0:
-            raise ValueError("kl_type 'x-based' divides by the step's std_dev_t, which noise_level 0 makes 0; "
-                             "use kl_type: v-based or noise_level > 0")
 
     def _generator(self, *salt: int) -> torch.Generator:
         key = zlib.crc32(repr((self.seed, *salt)).encode())
@@ -332,6 +392,7 @@ class FlowRLModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         n, micro = len(prompts), 0
         logs: dict[str, list[torch.Tensor]] = {}
+        first_update_ratios: list[torch.Tensor] = []  # before the iteration's first optimizer step
         units = self.training_units(rollout)
         for epoch in range(self.num_inner_epochs):
             # The first epoch keeps the rollout's batching: on-policy log-probs reproduce exactly.
@@ -350,23 +411,33 @@ class FlowRLModule(L.LightningModule):
                     self.manual_backward(loss / (len(units) * self.gradient_accumulation_steps))
                     for k, v in out.items():
                         logs.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+                    if micro < self.gradient_accumulation_steps and epoch == 0 and "ratio" in out:
+                        first_update_ratios.append(out["ratio"].detach().double().reshape(-1).cpu())
                 micro += 1
                 if micro % self.gradient_accumulation_steps == 0:
                     self._optimizer_step(optimizer, scheduler, logs)
         if micro % self.gradient_accumulation_steps:
             self._optimizer_step(optimizer, scheduler, logs)
+        if first_update_ratios:
+            # On-policy the first update reproduces the rollout's log-probs: any deviation from 1 is a mismatch
+            # between training and rollout (precision, batching), the diagnostic the papers' users watch.
+            deviation = (torch.cat(first_update_ratios) - 1.0).abs().max()
+            self.log("train/ratio_first_update_max_abs_dev", deviation.float())
         self._log_train(logs)
         self.iteration += 1
 
     def _optimizer_step(self, optimizer, scheduler, logs):
-        if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        # The norm is measured before clipping, so an explosion shows in train/grad_norm.
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}; no update was made")
         logs.setdefault("grad_norm", []).append(norm.detach().reshape(-1).cpu())
+        clipped = bool(self.max_grad_norm) and bool(norm > self.max_grad_norm)
+        logs.setdefault("grad_clipped", []).append(torch.tensor([float(clipped)]))
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:

@@ -30,8 +30,11 @@ import torch
 
 from callbacks import EMA, OffPolicySampling, enter_sampling_contexts
 from flowrl.algorithms.base import FlowRLModule, Rollout
+from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
+from flowrl.errors import ConfigError
 from flowrl.policy import PolicyConfig
+from flowrl.validation import check_number
 
 __all__ = ["DecoupledModule"]
 
@@ -66,18 +69,25 @@ class DecoupledModule(FlowRLModule):
         **kwargs,
     ):
         if time_sampling_strategy not in TIME_SAMPLING_STRATEGIES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown time_sampling_strategy {time_sampling_strategy!r}; choose one of "
                 f"{', '.join(TIME_SAMPLING_STRATEGIES)}"
             )
+        refuse_options_of_other_trainers(type(self), kwargs)  # e.g. clip_range for nft, window_size ...
+        if dynamics_type == "ODE":
+            _refuse_sde_options_under_ode(kwargs)
         if train_guidance_scale < 1.0:
-            raise ValueError(f"train_guidance_scale={train_guidance_scale} must be >= 1 (1 = no guidance)")
-        # Bad time-sampling settings fail here, before the weights load: a dry draw on a schedule of
-        # as many steps as the sampler will use (the counts do not depend on the sigma values).
+            raise ConfigError(f"train_guidance_scale={train_guidance_scale} must be >= 1 (1 = no guidance)")
+        check_number("time_shift", time_shift, 0, low_open=True, hint=" (1 = no shift)")
+        # Bad time-sampling settings fail here, before the weights load: a dry draw on a schedule whose steps
+        # all lie in range (how many of the real steps do is checked on the real schedule once it is known).
         steps = kwargs.get("num_inference_steps", 10)
-        sample_train_times(time_sampling_strategy, 1, num_train_timesteps, torch.linspace(1.0, 0.0, steps + 1),
-                           time_shift, timestep_fraction)
+        sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
+                           torch.cat([torch.ones(max(int(steps), 1)), torch.zeros(1)]), time_shift, timestep_fraction)
         super().__init__(policy, dynamics_type=dynamics_type, **kwargs)
+        sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
+                           self.policy.sigmas(self.num_inference_steps, self.height, self.width), time_shift,
+                           timestep_fraction)
         self.num_train_timesteps = num_train_timesteps
         self.time_sampling_strategy = time_sampling_strategy
         self.time_shift = float(time_shift)
@@ -101,7 +111,7 @@ class DecoupledModule(FlowRLModule):
     def on_fit_start(self):
         ref = self.kl_reference
         if ref is not None and ref.kl_type != "v-based":
-            raise ValueError(
+            raise ConfigError(
                 f"ReferenceModel(kl_type={ref.kl_type!r}) compares the means of SDE sampling steps, which the "
                 f"decoupled trainer {self.trainer_type!r} does not train on; set kl_type: v-based"
             )
@@ -185,5 +195,27 @@ class DecoupledModule(FlowRLModule):
         return None if value is None else value[k, idx]
 
 
-def _disabled(value: float | None) -> bool:
+#: options that only shape stochastic (SDE) sampling steps: under ODE sampling they would do nothing.
+SDE_ONLY_OPTIONS = ("noise_level", "train_steps", "num_train_steps", "window_size", "window_shift_interval",
+                    "window_stride")
+
+
+def _refuse_sde_options_under_ode(kwargs: dict) -> None:
+    given = [name for name in SDE_ONLY_OPTIONS if kwargs.get(name) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join('model.' + n for n in given)} only shape(s) the stochastic steps of SDE sampling, and "
+            "dynamics_type ODE samples every step deterministically, so it would do nothing; remove it, or set "
+            "dynamics_type: Flow-SDE, Dance-SDE or CPS"
+        )
+    if kwargs.get("same_initial_noise"):
+        raise ConfigError(
+            "same_initial_noise: true with dynamics_type ODE makes every sample of a group the same image (zero "
+            "advantages, nothing to learn); set same_initial_noise: false or use stochastic dynamics (e.g. CPS)"
+        )
+
+
+def _disabled(value: float | list[float] | None) -> bool:
+    if isinstance(value, (list, tuple)):
+        return False  # a [low, high] pair always clips
     return value is None or value <= 0 or math.isnan(value)

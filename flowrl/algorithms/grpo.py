@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from flowrl.algorithms.base import FlowRLModule, Rollout
+from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics import StepOutput
 from flowrl.losses import grpo_loss, kl_v_based, kl_x_based
+from flowrl.policy import PolicyConfig
 
 
 class GRPO(FlowRLModule):
@@ -28,6 +30,13 @@ class GRPO(FlowRLModule):
     """
 
     trainer_type = "grpo"
+
+    def __init__(self, policy: PolicyConfig, clip_range: float | list[float] | None = 1e-4, **kwargs):
+        """``clip_range``: PPO clip range of the ratio, ``c`` (ratio in ``[1 - c, 1 + c]``) or ``[low, high]``
+        (ratio in ``[1 + low, 1 + high]``, ``low < 0 < high``); null disables clipping. Other options: see
+        :class:`~flowrl.algorithms.base.FlowRLModule`."""
+        refuse_options_of_other_trainers(type(self), kwargs)  # e.g. time_shift: a decoupled trainer's option
+        super().__init__(policy, clip_range=clip_range, **kwargs)
 
     def step_forward(self, rollout: Rollout, idx: torch.Tensor, k: int):
         """Recompute trained step ``k`` for samples ``idx``: returns (step output, velocity, sigma, sigma_next)."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from flowrl.algorithms.grpo import GRPO
 from flowrl.dynamics import StepOutput
+from flowrl.errors import ConfigError
 from flowrl.losses import grpo_guard_loss
+from flowrl.policy import PolicyConfig
+
+GUARD_LOSS_WEIGHTINGS = ("inverse_dt", "none")
 
 
 class GRPOGuard(GRPO):
@@ -22,7 +27,11 @@ class GRPOGuard(GRPO):
         ratio = exp((log_prob_new - log_prob_old + bias) * scale)
         loss  = clipped PPO loss on that ratio, divided by (-dt)
 
-    (:func:`flowrl.losses.grpo_guard_loss`). The reference code puts the batch mean of ``sqrt(-dt)`` in
+    (:func:`flowrl.losses.grpo_guard_loss`). The division by ``-dt`` is the GRPO-Guard authors' form
+    (``guard_loss_weighting: inverse_dt``, the default: their ``train_sd3_GRPO_Guard.py`` divides the
+    policy loss by ``sqrt_dt.mean()**2``); ``guard_loss_weighting: none`` leaves it out, as the guide's
+    system users migrate from does (its reweighting is only the ``scale`` in the ratio), for configs
+    tuned there. Without the division, clip ranges and learning rates mean what they mean there. The reference code puts the batch mean of ``sqrt(-dt)`` in
     ``scale``; here every sample of a training unit is at the same step of the same schedule, so that
     batch mean is exactly the step's ``sqrt(-dt)``, and ``scale`` is the scalar std of the step. A KL
     term (:class:`callbacks.ReferenceModel`) is added as in :class:`GRPO`.
@@ -31,15 +40,24 @@ class GRPOGuard(GRPO):
     trainer_type = "grpo-guard"
     stores_means = True
 
+    def __init__(self, policy: PolicyConfig, guard_loss_weighting: Literal["inverse_dt", "none"] = "inverse_dt",
+                 **kwargs):
+        """``guard_loss_weighting``: ``inverse_dt`` divides each trained step's loss by ``-dt`` (the GRPO-Guard
+        authors' code); ``none`` does not (the guide's system). Other options: see :class:`GRPO`."""
+        if guard_loss_weighting not in GUARD_LOSS_WEIGHTINGS:
+            raise ConfigError(f"guard_loss_weighting={guard_loss_weighting!r}; choose one of {GUARD_LOSS_WEIGHTINGS}")
+        super().__init__(policy, **kwargs)
+        self.guard_loss_weighting = guard_loss_weighting
+
     def check_dynamics(self, dynamics_type: str) -> None:
         if dynamics_type != "Flow-SDE":
-            raise ValueError(
+            raise ConfigError(
                 f"trainer_type 'grpo-guard' normalises the ratio of Flow-SDE steps only; got dynamics_type "
                 f"{dynamics_type!r}. Set dynamics_type: Flow-SDE, or use trainer_type: grpo for "
                 "Dance-SDE / CPS (and nft / awm for ODE sampling)"
             )
         if self.dynamics.noise_level <= 0:
-            raise ValueError("trainer_type 'grpo-guard' divides by the step std, which noise_level 0 makes 0; "
+            raise ConfigError("trainer_type 'grpo-guard' divides by the step std, which noise_level 0 makes 0; "
                              "set noise_level > 0 (e.g. 0.7)")
         super().check_dynamics(dynamics_type)
 
@@ -54,6 +72,7 @@ class GRPOGuard(GRPO):
             raise RuntimeError("GRPO-Guard needs the step means stored at rollout (stores_means = True)")
         scale, dt = self.step_scale(s, s_next)
         if not scale > 0:
-            raise ValueError(f"GRPO-Guard: the step {s:.4f} -> {s_next:.4f} has std 0; use noise_level > 0")
+            raise ConfigError(f"GRPO-Guard: the step {s:.4f} -> {s_next:.4f} has std 0; use noise_level > 0")
         return grpo_guard_loss(out.log_prob, rollout.log_probs[idx, k], out.mean, rollout.means[idx, k], scale, dt,
-                               advantages[idx], self.clip_range, self.adv_clip_range)
+                               advantages[idx], self.clip_range, self.adv_clip_range,
+                               divide_by_dt=self.guard_loss_weighting == "inverse_dt")

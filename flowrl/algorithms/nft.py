@@ -6,8 +6,10 @@ import torch
 
 from flowrl.algorithms.base import Rollout
 from flowrl.algorithms.decoupled import DecoupledModule
+from flowrl.errors import ConfigError
 from flowrl.losses import nft_loss
 from flowrl.policy import PolicyConfig
+from flowrl.validation import check_range_option
 
 
 class NFT(DecoupledModule):
@@ -29,17 +31,17 @@ class NFT(DecoupledModule):
     Args (besides :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s):
         nft_beta: the policy-mixing coefficient ``beta`` (1 by default; 0.1 is faster, less stable).
 
-    ``clip_range`` (a base option) is not used: NFT has no probability ratio.
+    ``clip_range`` (a base option) is refused: NFT has no probability ratio.
     """
 
     trainer_type = "nft"
+    unused_options = ("clip_range",)  # no probability ratio to clip
 
     def __init__(self, policy: PolicyConfig, nft_beta: float = 1.0, **kwargs):
         if not nft_beta > 0:
-            raise ValueError(f"nft_beta={nft_beta} must be > 0 (1.0 is the default, 0.1 trains faster)")
-        adv_clip_range = kwargs.get("adv_clip_range", 5.0)
-        if adv_clip_range is None or not adv_clip_range > 0:
-            raise ValueError(f"nft needs adv_clip_range > 0 (it maps advantages to [0, 1]); got {adv_clip_range}")
+            raise ConfigError(f"nft_beta={nft_beta} must be > 0 (1.0 is the default, 0.1 trains faster)")
+        check_range_option("adv_clip_range", kwargs.get("adv_clip_range", 5.0), allow_none=False,
+                           what=" (nft maps the clamped advantages to [0, 1] with it)")
         super().__init__(policy, **kwargs)
         self.nft_beta = float(nft_beta)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowrl.errors import ConfigError
+
 __all__ = [
     "CPS",
     "DYNAMICS",
@@ -75,7 +77,7 @@ def _batch_sigma(sigma: SigmaLike, sample: Tensor) -> Tensor:
     if s.numel() == 1:
         return s.reshape(1).expand(batch).reshape(view)
     if s.numel() != batch:
-        raise ValueError(
+        raise ConfigError(
             f"sigma must be a scalar or have one value per sample ({batch}); got shape {tuple(s.shape)}"
         )
     return s.reshape(view)
@@ -96,7 +98,7 @@ def _draw_noise(sample: Tensor, generator: GeneratorLike) -> Tensor:
         return noise.to(sample.device)
     generators = list(generator)
     if len(generators) != shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"got {len(generators)} generators for a batch of {shape[0]} samples; pass one per sample"
         )
     noise = [
@@ -183,7 +185,7 @@ class SDESchedulerMixin:
         training pass recomputes, and the first on-policy ratio is exactly 1.
         """
         if sample.shape != velocity.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"sample {tuple(sample.shape)} and velocity {tuple(velocity.shape)} differ in shape"
             )
         x = sample.to(torch.float32)
@@ -210,7 +212,7 @@ class SDESchedulerMixin:
 def _check_noise_level(noise_level: float) -> float:
     noise_level = float(noise_level)
     if not math.isfinite(noise_level) or noise_level < 0:
-        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level}")
+        raise ConfigError(f"noise_level must be a finite number >= 0, got {noise_level}")
     return noise_level
 
 
@@ -243,7 +245,7 @@ class FlowSDE(SDESchedulerMixin):
     def __init__(self, noise_level: float = 0.7, sigma_max: float | None = None) -> None:
         self.noise_level = _check_noise_level(noise_level)
         if sigma_max is not None and not 0.0 < float(sigma_max) < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"sigma_max must lie in (0, 1) (it is sigmas[1] of the schedule), got {sigma_max}"
             )
         self.sigma_max = None if sigma_max is None else float(sigma_max)
@@ -334,7 +336,7 @@ class CPS(SDESchedulerMixin):
     def __init__(self, noise_level: float = 0.7) -> None:
         noise_level = _check_noise_level(noise_level)
         if noise_level > 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"CPS noise_level must lie in [0, 1] (std = sigma_next * sin(a pi/2)), got {noise_level}"
             )
         self.noise_level = noise_level
@@ -398,7 +400,7 @@ def build_dynamics(dynamics_type: str, noise_level: float | None = None) -> SDES
     try:
         cls = DYNAMICS[dynamics_type]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown dynamics_type {dynamics_type!r}; choose one of {', '.join(map(repr, DYNAMICS))}"
         ) from None
     return cls() if noise_level is None else cls(noise_level=noise_level)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from flowrl.errors import ConfigError
+
 __all__ = ["StepSelector"]
 
 
@@ -52,7 +54,7 @@ class StepSelector:
         window_stride: int = 1,
     ) -> None:
         if num_inference_steps < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_inference_steps must be >= 2 (the last step is never trained), got {num_inference_steps}"
             )
         self.num_inference_steps = int(num_inference_steps)
@@ -62,27 +64,27 @@ class StepSelector:
         else:
             candidates = [int(i) for i in train_steps]
             if not candidates:
-                raise ValueError(
+                raise ConfigError(
                     "train_steps is empty; list at least one step index or set it to null (all steps)"
                 )
             bad = [i for i in candidates if not 0 <= i <= last]
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"train_steps {bad} out of range: valid step indices are 0..{last} "
                     f"(num_inference_steps={num_inference_steps}; the last step {last + 1} has sigma_next=0)"
                 )
             dupes = sorted({i for i in candidates if candidates.count(i) > 1})
             if dupes:
-                raise ValueError(f"train_steps lists {dupes} more than once; list each step index once")
+                raise ConfigError(f"train_steps lists {dupes} more than once; list each step index once")
         self.train_steps: list[int] = sorted(candidates)
 
         if num_train_steps is not None:
             if num_train_steps < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"num_train_steps must be >= 1 (or null for all train_steps), got {num_train_steps}"
                 )
             if num_train_steps > len(self.train_steps):
-                raise ValueError(
+                raise ConfigError(
                     f"num_train_steps={num_train_steps} exceeds the {len(self.train_steps)} candidate steps; "
                     f"lower it to at most {len(self.train_steps)} or add train_steps"
                 )
@@ -94,18 +96,18 @@ class StepSelector:
         self.window_stride = int(window_stride)
         if window_size is not None:
             if not 1 <= window_size <= last + 1:
-                raise ValueError(
+                raise ConfigError(
                     f"window_size must lie in 1..{last + 1} (the trainable steps 0..{last}), got {window_size}"
                 )
             if window_shift_interval is None or window_shift_interval < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"window_shift_interval must be an integer >= 1 with window_size set, got {window_shift_interval}"
                 )
             if self.window_stride < 1:
-                raise ValueError(f"window_stride must be >= 1, got {window_stride}")
+                raise ConfigError(f"window_stride must be >= 1, got {window_stride}")
             empty = [s for s in range(self._num_window_starts()) if not self._window_steps(s)]
             if empty:
-                raise ValueError(
+                raise ConfigError(
                     f"the window of size {window_size} starting at step(s) {empty} holds none of train_steps "
                     f"{self.train_steps}; enlarge window_size or widen train_steps"
                 )
@@ -123,7 +125,7 @@ class StepSelector:
     def window_start(self, iteration: int) -> int:
         """First step of the progressive window at ``iteration`` (wrapping to 0 past the end)."""
         if self.window_size is None or self.window_shift_interval is None:
-            raise ValueError("window_start needs window_size and window_shift_interval")
+            raise ConfigError("window_start needs window_size and window_shift_interval")
         shifts = max(int(iteration), 0) // self.window_shift_interval
         max_start = self._num_window_starts() - 1
         positions_per_sweep = max_start // self.window_stride + 1  # starts 0, stride, ... <= max_start

@@ -5,24 +5,23 @@
 The ``K`` values of a row are stratified (one per stratum of the allowed range) and ordered
 from the noisiest stratum to the cleanest.
 
-``timestep_fraction = f`` keeps training on the first fraction ``f`` of the denoising trajectory
-(the high-noise part):
+``timestep_fraction = f`` keeps training on the high-noise part of the trajectory: noise levels
+``sigma >= 1 - f``, one meaning for every strategy (the meaning of the guide users migrate from):
 
-* discrete strategies: the first ``M = ceil(f * N)`` sampler steps, i.e. ``sigmas[0 .. M-1]``
-  of the sampler's own (already shifted) schedule of ``N`` steps;
-* continuous strategies: the range applies to the *unshifted* time, ``tau in [1 - f, 1]``,
-  and ``time_shift`` then warps it, ``sigma = shift_sigma(tau, time_shift)``, so the sigma range
-  is ``[shift_sigma(1 - f), 1]``. This matches the discrete meaning when ``time_shift`` equals the
-  sampler's shift: the first fraction ``f`` of the steps of a uniformly spaced, shifted schedule
-  lies in the same sigma range.
+* discrete strategies: the sampler steps whose own (already shifted) ``sigmas[i] >= 1 - f``; on
+  SD3's shifted (shift 3) 10-step schedule ``f = 0.3`` keeps steps 0-5 (sigma 1 .. 0.75), not the
+  first 30% of the steps;
+* continuous strategies: ``u`` is drawn in (0, 1) from the strategy's law, warped by ``time_shift``
+  (SD3 direction, towards high noise), then mapped into the range: ``sigma = 1 - f + f * shift(u)``.
+  With ``f = 0.3`` and ``time_shift = 3`` the training sigmas span [0.7, 1].
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from flowrl.errors import ConfigError
 
 __all__ = ["TIME_SAMPLING_STRATEGIES", "sample_train_times", "shift_sigma"]
 
@@ -36,6 +35,7 @@ TIME_SAMPLING_STRATEGIES: tuple[str, ...] = (
 _CONTINUOUS = ("uniform", "logit_normal")
 _MIN_SIGMA = 1e-6
 _U_EPS = 1e-6
+_SIGMA_TOL = 1e-6
 
 
 def shift_sigma(s: Tensor | float, shift: float) -> Tensor | float:
@@ -44,7 +44,7 @@ def shift_sigma(s: Tensor | float, shift: float) -> Tensor | float:
     ``shift > 1`` moves every ``s`` in (0, 1) up; ``shift = 1`` is the identity; 0 and 1 are fixed.
     """
     if shift <= 0:
-        raise ValueError(f"time_shift must be > 0, got {shift}")
+        raise ConfigError(f"time_shift must be > 0, got {shift}")
     return shift * s / (1 + (shift - 1) * s)
 
 
@@ -67,8 +67,7 @@ def _continuous_times(
     u = 1.0 - _strata_u(batch_size, k, generator)
     if strategy == "logit_normal":
         u = torch.sigmoid(torch.special.ndtri(u))  # inverse CDF of sigmoid(N(0, 1))
-    tau = 1.0 - fraction + fraction * u
-    sigma = shift_sigma(tau, time_shift)
+    sigma = 1.0 - fraction + fraction * shift_sigma(u, time_shift)  # warp first, then map into [1 - f, 1]
     return sigma.clamp(_MIN_SIGMA, 1.0).to(torch.float32)
 
 
@@ -103,11 +102,11 @@ def sample_train_times(
     Args:
         strategy: one of :data:`TIME_SAMPLING_STRATEGIES`:
 
-            * ``uniform``: ``tau`` stratified uniform in ``[1 - f, 1]``, ``sigma = shift(tau)``;
-            * ``logit_normal``: ``tau = sigmoid(z)``, ``z ~ N(0, 1)`` stratified in its CDF, mapped
-              affinely into ``[1 - f, 1]``, then shifted;
-            * ``discrete``: stratified draw among the sampler's steps ``0 .. M - 1``
-              (``M = ceil(f N)``), returning ``sigmas[index]``;
+            * ``uniform``: ``u`` stratified uniform in (0, 1), ``sigma = 1 - f + f * shift(u)``;
+            * ``logit_normal``: ``u = sigmoid(z)``, ``z ~ N(0, 1)`` stratified in its CDF, then shifted and
+              mapped into ``[1 - f, 1]`` as ``uniform``;
+            * ``discrete``: stratified draw among the sampler's steps ``0 .. M - 1``, the ``M`` steps
+              with ``sigmas[i] >= 1 - f``, returning ``sigmas[index]``;
             * ``discrete_with_init``: column 0 is always step 0 (sigma = ``sigmas[0]``), the other
               ``K - 1`` are stratified over steps ``1 .. M - 1``;
             * ``discrete_wo_init``: stratified over steps ``1 .. M - 1`` (never step 0).
@@ -116,62 +115,63 @@ def sample_train_times(
         sigmas: the sampler's schedule, descending, ``N + 1`` values ending in 0 (discrete only).
         time_shift: SD3 shift for the continuous strategies (ignored by the discrete ones, whose
             ``sigmas`` are already shifted by the sampler).
-        timestep_fraction: ``f`` in (0, 1], see the module docstring.
+        timestep_fraction: ``f`` in (0, 1]: train at noise levels ``sigma >= 1 - f`` (module docstring).
         generator: optional ``torch.Generator`` (CPU) for reproducible draws.
 
     Returns:
         ``(batch_size, K)`` float32 CPU tensor (move it to the model's device).
     """
     if strategy not in TIME_SAMPLING_STRATEGIES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown time_sampling_strategy {strategy!r}; choose one of "
             f"{', '.join(map(repr, TIME_SAMPLING_STRATEGIES))}"
         )
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     f = float(timestep_fraction)
     if not 0.0 < f <= 1.0:
-        raise ValueError(f"timestep_fraction must lie in (0, 1], got {timestep_fraction}")
+        raise ConfigError(f"timestep_fraction must lie in (0, 1], got {timestep_fraction}")
     if num_train_timesteps is not None and num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be >= 1 (or null), got {num_train_timesteps}")
+        raise ConfigError(f"num_train_timesteps must be >= 1 (or null), got {num_train_timesteps}")
 
     if strategy in _CONTINUOUS:
         if num_train_timesteps is None:
-            raise ValueError(
+            raise ConfigError(
                 f"time_sampling_strategy {strategy!r} needs num_train_timesteps (a positive integer); "
                 "null ('all steps') only applies to the discrete strategies"
             )
         if time_shift <= 0:
-            raise ValueError(f"time_shift must be > 0, got {time_shift}")
+            raise ConfigError(f"time_shift must be > 0, got {time_shift}")
         return _continuous_times(
             strategy, batch_size, int(num_train_timesteps), float(time_shift), f, generator
         )
 
     if sigmas is None:
-        raise ValueError(
+        raise ConfigError(
             f"time_sampling_strategy {strategy!r} needs the sampler's sigmas (N + 1 values ending in 0)"
         )
     sig = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
     if sig.ndim != 1 or sig.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D schedule of N + 1 >= 2 values, got shape {tuple(sig.shape)}")
+        raise ConfigError(f"sigmas must be a 1-D schedule of N + 1 >= 2 values, got shape {tuple(sig.shape)}")
     if bool((sig[1:] > sig[:-1]).any()):
-        raise ValueError("sigmas must be in descending order (sampling goes from noise to data)")
+        raise ConfigError("sigmas must be in descending order (sampling goes from noise to data)")
     num_steps = sig.numel() - 1
     if bool((sig[:num_steps] <= 0).any()):
-        raise ValueError("sigmas of the sampling steps (all but the last value) must be > 0")
-    m = math.ceil(round(f * num_steps, 9))  # first ceil(f N) steps; round() absorbs float noise
+        raise ConfigError("sigmas of the sampling steps (all but the last value) must be > 0")
+    # the steps at sigma >= 1 - f (descending sigmas: the first m); the tolerance absorbs float noise
+    m = int((sig[:num_steps] >= 1.0 - f - _SIGMA_TOL).sum())
     lo = 0 if strategy == "discrete" else 1
     available = m - lo
     if available < 1:
-        raise ValueError(
-            f"timestep_fraction={f} keeps {m} of {num_steps} steps, none left for {strategy!r}; "
-            "raise timestep_fraction (or use 'discrete' / 'discrete_with_init')"
+        raise ConfigError(
+            f"timestep_fraction={f} keeps the {m} of {num_steps} sampler steps at sigma >= {1 - f:.4g}, none left "
+            f"for {strategy!r}; raise timestep_fraction (or use 'discrete' / 'discrete_with_init')"
         )
     if strategy == "discrete_with_init":
         available = m  # step 0 plus the m - 1 others
     k = available if num_train_timesteps is None else int(num_train_timesteps)
     if k > available:
-        raise ValueError(
+        raise ConfigError(
             f"num_train_timesteps={k} exceeds the {available} steps available to {strategy!r} "
             f"(timestep_fraction={f} of {num_steps} sampler steps); lower it to at most {available} "
             "or raise timestep_fraction"

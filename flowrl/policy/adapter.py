@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from flowrl.errors import ConfigError
+
 Conditioning = dict[str, torch.Tensor]
 """Per-sample conditioning tensors (batch first), e.g. ``prompt_embeds`` and ``pooled_projections``."""
 
@@ -31,7 +33,7 @@ def register_adapter(*pipeline_class_names: str):
 def adapter_for(pipeline, max_sequence_length: int | None = None) -> ModelAdapter:
     name = type(pipeline).__name__
     if name not in _ADAPTERS:
-        raise ValueError(
+        raise ConfigError(
             f"no flowrl adapter for pipeline class {name!r}; supported: {sorted(_ADAPTERS)}. "
             "Add one ModelAdapter subclass decorated with @register_adapter in flowrl/policy/."
         )

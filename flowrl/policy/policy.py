@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from flowrl.errors import ConfigError
 from flowrl.policy.adapter import Conditioning, adapter_for
+from flowrl.validation import check_number
 
 FINETUNE_TYPES = ("lora", "full")
 TOY_MODEL_ALIAS = "flowrl:toy"
@@ -53,11 +55,15 @@ class PolicyConfig:
 
     def __post_init__(self):
         if self.finetune_type not in FINETUNE_TYPES:
-            raise ValueError(f"finetune_type={self.finetune_type!r}; choose one of {FINETUNE_TYPES}")
+            raise ConfigError(f"finetune_type={self.finetune_type!r}; choose one of {FINETUNE_TYPES}")
         if self.finetune_type == "lora" and self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            raise ConfigError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        check_number("policy.lora_alpha", self.lora_alpha, 0, low_open=True, allow_none=True,
+                     hint=" (null = lora_rank)")
+        check_number("policy.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
+        check_number("policy.max_sequence_length", self.max_sequence_length, 1, allow_none=True)
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
+            raise ConfigError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
         path = resolve_model_path(self.pretrained_model_name_or_path)
         if _is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(
@@ -102,7 +108,7 @@ class FlowMatchingPolicy(nn.Module):
         super().__init__()
         self.uncond_gradient = uncond_gradient
         if finetune_type not in FINETUNE_TYPES:
-            raise ValueError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
+            raise ConfigError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
         self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length)
         self.pipeline = pipeline
         self.finetune_type = finetune_type
@@ -113,8 +119,15 @@ class FlowMatchingPolicy(nn.Module):
         self.frozen.requires_grad_(False).eval()
         self.frozen.to(getattr(torch, frozen_dtype))
         self.transformer.requires_grad_(finetune_type == "full")
+        #: dtype of the denoiser's frozen base weights: ``frozen_dtype`` under LoRA, float32 when fully trained
+        self.base_dtype = getattr(torch, frozen_dtype) if finetune_type == "lora" else torch.float32
         if finetune_type == "lora":
+            # The frozen base in frozen_dtype (a bf16 SD3.5-M base is 5 GB, not 10), the adapters in float32.
+            self.transformer.to(self.base_dtype)
             self._add_lora(lora_rank, lora_alpha or lora_rank, lora_dropout, target_modules)
+            for p in self.transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
         self._null_cond: Conditioning | None = None
@@ -140,7 +153,7 @@ class FlowMatchingPolicy(nn.Module):
             targets = [t for t in self.adapter.default_lora_targets if exists(t)]
         missing = [t for t in targets if not exists(t)]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA target_modules {missing} match no module of {type(self.transformer).__name__}; "
                 f"defaults for this model are {list(self.adapter.default_lora_targets)}"
             )
@@ -196,6 +209,16 @@ class FlowMatchingPolicy(nn.Module):
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         return self.adapter.sigmas(num_inference_steps, height, width)
 
+    def _denoise(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw prediction as float32. A low-precision frozen base (LoRA with ``frozen_dtype``)
+        computes under autocast in that dtype when no autocast is active (the Trainer's ``precision``
+        otherwise decides), so float32 adapters and activations meet bf16 weights without dtype errors."""
+        device_type = latents.device.type
+        if self.base_dtype == torch.float32 or torch.is_autocast_enabled(device_type):
+            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+        with torch.autocast(device_type, dtype=self.base_dtype):
+            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+
     def velocity(
         self,
         latents: torch.Tensor,
@@ -215,17 +238,16 @@ class FlowMatchingPolicy(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         sigma = sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
         if guidance_scale <= 1.0:
-            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+            return self._denoise(latents, sigma, cond)
         n = latents.shape[0]
         uncond = uncond if uncond is not None else self.null_condition(n)
         if self.uncond_gradient:
             both = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}
-            v_u, v = self.adapter.forward(self.transformer, torch.cat([latents, latents]), torch.cat([sigma, sigma]),
-                                          both).float().split(n)
+            v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).split(n)
         else:
-            v = self.adapter.forward(self.transformer, latents, sigma, cond).float()
+            v = self._denoise(latents, sigma, cond)
             with torch.no_grad():
-                v_u = self.adapter.forward(self.transformer, latents, sigma, uncond).float()
+                v_u = self._denoise(latents, sigma, uncond)
         return v_u + guidance_scale * (v - v_u)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from flowrl.errors import ConfigError
 from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter
 
 
@@ -48,10 +49,10 @@ class SD3Adapter(ModelAdapter):
     def check_resolution(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
         if height % multiple or width % multiple:
-            raise ValueError(f"resolution {height}x{width} is not a multiple of {multiple} (VAE factor x patch size)")
+            raise ConfigError(f"resolution {height}x{width} is not a multiple of {multiple} (VAE factor x patch size)")
         limit = self.pipeline.transformer.config.pos_embed_max_size * multiple
         if height > limit or width > limit:
-            raise ValueError(f"resolution {height}x{width} exceeds this transformer's positional table ({limit} px)")
+            raise ConfigError(f"resolution {height}x{width} exceeds this transformer's positional table ({limit} px)")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor

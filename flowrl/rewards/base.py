@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from flowrl.errors import ConfigError
+
 
 @runtime_checkable
 class Reward(Protocol):
@@ -28,7 +30,7 @@ def register_reward(name: str) -> Callable:
 
     def wrap(factory):
         if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"reward name {name!r} is already registered by {_REGISTRY[name]!r}")
+            raise ConfigError(f"reward name {name!r} is already registered by {_REGISTRY[name]!r}")
         _REGISTRY[name] = factory
         return factory
 
@@ -43,7 +45,7 @@ def available_rewards() -> list[str]:
 def build_reward(name: str, **kwargs: Any) -> Reward:
     _import_builtins()
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown reward {name!r}; registered rewards are {sorted(_REGISTRY)}. "
             "Register your own with @flowrl.rewards.register_reward('name')."
         )
@@ -73,9 +75,9 @@ class WeightedReward:
 
     def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float]):
         if not rewards:
-            raise ValueError("WeightedReward needs at least one reward")
+            raise ConfigError("WeightedReward needs at least one reward")
         if set(rewards) != set(weights):
-            raise ValueError(f"reward names {sorted(rewards)} and weight names {sorted(weights)} differ")
+            raise ConfigError(f"reward names {sorted(rewards)} and weight names {sorted(weights)} differ")
         self.rewards = dict(rewards)
         self.weights = {k: float(v) for k, v in weights.items()}
         self.last_terms: dict[str, torch.Tensor] = {}
@@ -86,7 +88,7 @@ class WeightedReward:
         for spec in specs:
             spec = spec if isinstance(spec, RewardSpec) else RewardSpec(**spec)
             if spec.name in rewards:
-                raise ValueError(f"reward {spec.name!r} is listed twice; merge the entries into one weight")
+                raise ConfigError(f"reward {spec.name!r} is listed twice; merge the entries into one weight")
             rewards[spec.name] = build_reward(spec.name, **spec.args)
             weights[spec.name] = spec.weight
         return cls(rewards, weights)
