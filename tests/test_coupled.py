@@ -6,8 +6,8 @@ import pytest
 from tiny import make_module
 
 from flowrl.algorithms import GRPO
-from flowrl.policy import PolicyConfig
 from flowrl.cli import main
+from flowrl.policy import PolicyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD3_CONFIG = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")

@@ -152,3 +152,50 @@ def test_same_initial_noise_shares_the_start_within_groups_only(tiny_sd3_path, s
     assert not torch.equal(start[0], start[2])
     rollout = module.rollout(prompts, group_ids)  # the SDE step still explores within a group
     assert not torch.equal(rollout.next_latents[0, 0], rollout.next_latents[1, 0])
+
+
+def test_grad_norm_is_logged_before_clipping_with_the_clip_flag(tiny_sd3_path, prompt_file):
+    """train/grad_norm is the norm the update had before clipping (so an explosion shows), not after."""
+    module = make_grpo(tiny_sd3_path, train_batch_size=4, max_grad_norm=1e-12)
+    seen = {}
+    original = module.clip_gradients
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        grads = [p.grad.flatten() for p in module.policy.trainable_parameters() if p.grad is not None]
+        seen["before"] = float(torch.linalg.vector_norm(torch.cat(grads)))
+        original(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        grads = [p.grad.flatten() for p in module.policy.trainable_parameters() if p.grad is not None]
+        seen["after"] = float(torch.linalg.vector_norm(torch.cat(grads)))
+
+    module.clip_gradients = spy
+    metrics = _fit_one_iteration(module, prompt_file).logged_metrics
+    assert seen["after"] <= 1e-11 < seen["before"]
+    torch.testing.assert_close(float(metrics["train/grad_norm"]), seen["before"], rtol=1e-5, atol=0)
+    assert float(metrics["train/grad_clipped"]) == 1.0
+    module = make_grpo(tiny_sd3_path, train_batch_size=4, max_grad_norm=1e6)
+    assert float(_fit_one_iteration(module, prompt_file).logged_metrics["train/grad_clipped"]) == 0.0
+
+
+def test_first_update_ratio_deviation_is_logged_and_zero_on_policy(tiny_sd3_path, prompt_file):
+    # two micro-batches, two inner epochs: later updates move the ratio, the first one does not
+    module = make_grpo(tiny_sd3_path, num_inner_epochs=2, gradient_accumulation_steps=2,
+                       optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
+    metrics = _fit_one_iteration(module, prompt_file).logged_metrics
+    assert float(metrics["train/ratio_first_update_max_abs_dev"]) == 0.0
+    assert float(metrics["train/ratio_max"]) > 1.0 or float(metrics["train/ratio_min"]) < 1.0
+
+
+def test_lora_base_weights_in_frozen_dtype_keep_exact_on_policy_ratios(tiny_sd3_path, prompt_file):
+    """With LoRA, frozen_dtype also holds the denoiser's base weights (as the papers' code: a bf16 base, float32
+    adapters); rollout and first update still agree bit for bit, in 32-true (autocast on the base) and bf16."""
+    for precision in ("32-true", "bf16-mixed"):
+        module = make_grpo(tiny_sd3_path, policy=PolicyConfig(tiny_sd3_path, lora_rank=4, frozen_dtype="bfloat16"),
+                           train_batch_size=4)
+        dtypes = {(p.requires_grad, p.dtype) for p in module.policy.transformer.parameters()}
+        assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+        assert all(p.dtype == torch.bfloat16 for p in module.policy.frozen.parameters())
+        metrics = _fit_one_iteration(module, prompt_file, precision=precision).logged_metrics
+        assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0, precision
+        assert float(metrics["train/ratio_first_update_max_abs_dev"]) == 0.0
+        trained = dict(module.policy.named_trainable_parameters())
+        assert trained and all(p.dtype == torch.float32 for p in trained.values())

@@ -9,8 +9,10 @@ import torch
 from flowrl.dynamics import FlowSDE, gaussian_log_prob
 from flowrl.losses import (
     AWM_WEIGHTINGS,
+    as_range,
     awm_log_prob,
     awm_loss,
+    clamp_advantages,
     clipped_policy_loss,
     grpo_guard_loss,
     grpo_loss,
@@ -149,6 +151,73 @@ def test_grpo_guard_loss_on_policy_and_dt_reweighting():
     expected = ((-adv * 0.2 / 0.1 * torch.tensor([1.0, 0.2]))[:, None] * feats).sum(0) / 2
     torch.testing.assert_close(w.grad, expected)
 
+
+
+def test_grpo_guard_loss_without_dt_division_is_the_guides_form():
+    """``divide_by_dt=False`` (``guard_loss_weighting: none``) is Flow-Factory's grpo-guard trainer: its loss is the
+    clipped surrogate on the normalised ratio, with no per-step factor (the reweighting is only the ratio's
+    ``scale = std_dev_t * sqrt(-dt)``). The default ``divide_by_dt=True`` is the GRPO-Guard authors' code
+    (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``: ``policy_loss / sqrt_dt.mean()**2``, i.e. divided by -dt)."""
+    torch.manual_seed(0)
+    lp = torch.randn(2, requires_grad=True)
+    old, mean, old_mean = lp.detach() - 0.01, torch.randn(2, 4), torch.randn(2, 4)
+    adv, dt = torch.tensor([1.0, -3.0]), -0.25
+    authors = grpo_guard_loss(lp, old, mean, old_mean, 0.2, dt, adv, 0.2, 5.0)
+    guide = grpo_guard_loss(lp, old, mean, old_mean, 0.2, dt, adv, 0.2, 5.0, divide_by_dt=False)
+    torch.testing.assert_close(authors["loss"], guide["loss"] / 0.25)
+    ratio = torch.exp(guard_log_ratio(lp, old, mean, old_mean, 0.2))
+    expected, _ = clipped_policy_loss(ratio, adv, 0.2)
+    torch.testing.assert_close(guide["loss"], expected)
+    assert torch.equal(authors["ratio"], guide["ratio"])
+
+
+# ---------------------------------------------------------------------------------------------
+# clip ranges: c or [low, high]
+# ---------------------------------------------------------------------------------------------
+def test_as_range():
+    assert as_range(0.2) == (-0.2, 0.2) and as_range([-0.1, 0.3]) == (-0.1, 0.3)
+    assert as_range(None) is None and as_range(0.0) is None
+    with pytest.raises(ValueError, match="low < 0 < high"):
+        as_range([0.2, 0.28])  # the guide's system accepts this and clamps the ratio to [1.2, 1.28]
+
+
+def test_symmetric_pair_equals_the_number_in_every_loss():
+    torch.manual_seed(1)
+    lp = torch.randn(6, requires_grad=True)
+    old = lp.detach() + 0.3 * torch.randn(6)
+    adv = 4 * torch.randn(6)
+    for c, a in [(0.1, 2.0), (1e-4, 5.0)]:
+        x, pair = grpo_loss(lp, old, adv, c, a), grpo_loss(lp, old, adv, [-c, c], [-a, a])
+        assert torch.equal(x["loss"], pair["loss"]) and torch.equal(x["clip_fraction"], pair["clip_fraction"])
+        gx = torch.autograd.grad(x["loss"], lp)[0]
+        gp = torch.autograd.grad(pair["loss"], lp)[0]
+        assert torch.equal(gx, gp)
+    v, v_old, target = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    t = torch.rand(6)
+    x = awm_loss(v, v_old, target, t, adv, "ghuber", 1e-3, 2.0)
+    pair = awm_loss(v, v_old, target, t, adv, "ghuber", [-1e-3, 1e-3], [-2.0, 2.0])
+    assert torch.equal(x["loss"], pair["loss"])
+    x_t, x0 = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    assert torch.equal(nft_loss(v, v_old, x_t, x0, t, adv, 1.0, 2.0)["loss"],
+                       nft_loss(v, v_old, x_t, x0, t, adv, 1.0, [-2.0, 2.0])["loss"])
+
+
+def test_asymmetric_ranges_clamp_to_their_own_bounds():
+    ratio = torch.tensor([0.5, 0.95, 1.0, 1.15, 2.0])
+    adv = torch.ones(5)
+    # ratio clamped to [1 - 0.1, 1 + 0.2]: with A > 0 the surrogate is max(-r, -clamp(r)) = -min(r, clamp(r))
+    loss, frac = clipped_policy_loss(ratio, adv, [-0.1, 0.2])
+    expected = -torch.minimum(ratio, ratio.clamp(0.9, 1.2)).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(frac, torch.tensor(2 / 5))  # 0.5 and 2.0 lie outside [0.9, 1.2]
+    a = torch.tensor([-9.0, -1.0, 0.5, 7.0])
+    torch.testing.assert_close(clamp_advantages(a, [-2.0, 5.0]), torch.tensor([-2.0, -1.0, 0.5, 5.0]))
+    # NFT with a pair clamps A to it and scales by high (as the guide's system): r = clamp(A)/high/2 + 1/2
+    v, v_old, x_t, x0 = (torch.randn(4, 3, 2, 2) for _ in range(4))
+    t = torch.rand(4)
+    out = nft_loss(v, v_old, x_t, x0, t, a, 1.0, [-2.0, 5.0])
+    r = (a.clamp(-2.0, 5.0) / 5.0 / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(out["r_mean"], r.mean())
 
 # ---------------------------------------------------------------------------------------------
 # DiffusionNFT

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+import lightning as L
 import pytest
 import torch
 
-from callbacks import EMA
+from callbacks import EMA, OffPolicySampling
 from flowrl.cli import main
 from flowrl.toy import TOY_CHECKPOINT
 
@@ -44,6 +45,9 @@ def short_run_args(name: str) -> list[str]:
         "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=false",
+        # float32 on every CPU kind: the check then runs the same numerics everywhere (the configs leave the
+        # precision to the CPU, a speed choice tested in test_precision.py)
+        "--trainer.precision=32-true",
         "--model.group_size=8",
         "--model.num_inference_steps=8",
         "--model.train_batch_size=16",
@@ -63,6 +67,18 @@ def eval_reward(module) -> float:
     return float(module.reward_fn(out.images, prompts).mean())
 
 
+class RatioDeviations(L.Callback):
+    """``train/ratio_first_update_max_abs_dev`` of every iteration."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        value = trainer.callback_metrics.get("train/ratio_first_update_max_abs_dev")
+        if value is not None:
+            self.values.append(float(value))
+
+
 def validation_weights(trainer, module):
     """The weights validation uses: the EMA average when an EMA callback swaps one in, else the live ones."""
     ema = EMA.used_for_validation(trainer.callbacks)
@@ -76,8 +92,16 @@ def test_toy_config_raises_the_reward(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(short_run_args(name), run=False)
     before = eval_reward(cli.model)
+    ratios = RatioDeviations()
+    cli.trainer.callbacks.append(ratios)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.model.iteration == ITERATIONS
+    # the first update of an iteration reproduces the rollout exactly (on-policy; an off-policy config's
+    # ratio is against the EMA sampler, which equals the live weights only before the first update)
+    if name != "nft":  # NFT has no probability ratio
+        on_policy = not any(isinstance(cb, OffPolicySampling) and cb.off_policy for cb in cli.trainer.callbacks)
+        checked = ratios.values if on_policy else ratios.values[:1]
+        assert len(ratios.values) == ITERATIONS and checked and all(v == 0.0 for v in checked), ratios.values
     with validation_weights(cli.trainer, cli.model):
         after = eval_reward(cli.model)
     print(f"{name}: eval reward {before:.3f} -> {after:.3f}")

@@ -115,7 +115,7 @@ class FlowRLModule(L.LightningModule):
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         clip_range: float | list[float] | None = None,
-        adv_clip_range: float = 5.0,
+        adv_clip_range: float | list[float] | None = 5.0,
         global_std: bool = False,
         same_initial_noise: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,

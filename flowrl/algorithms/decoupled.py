@@ -49,7 +49,8 @@ class DecoupledModule(FlowRLModule):
             range (discrete strategies only).
         time_sampling_strategy: uniform, logit_normal, discrete, discrete_with_init, discrete_wo_init.
         time_shift: SD3 shift (towards high noise) of the continuous strategies.
-        timestep_fraction: train on the first (noisiest) fraction of the trajectory only.
+        timestep_fraction: f in (0, 1]: train at noise levels sigma >= 1 - f only (the same meaning for discrete and
+            continuous strategies; on a 10-step schedule shifted by 3, f = 0.3 keeps steps 0-5).
         train_guidance_scale: classifier-free guidance of the *trained* velocity (1 = none).
         dynamics_type: the sampler of rollouts; decoupled training accepts any, ODE by default.
     """
@@ -82,8 +83,9 @@ class DecoupledModule(FlowRLModule):
         # Bad time-sampling settings fail here, before the weights load: a dry draw on a schedule whose steps
         # all lie in range (how many of the real steps do is checked on the real schedule once it is known).
         steps = kwargs.get("num_inference_steps", 10)
+        check_number("num_inference_steps", steps, 2, hint=" (the last step is never trained)")
         sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
-                           torch.cat([torch.ones(max(int(steps), 1)), torch.zeros(1)]), time_shift, timestep_fraction)
+                           torch.cat([torch.ones(int(steps)), torch.zeros(1)]), time_shift, timestep_fraction)
         super().__init__(policy, dynamics_type=dynamics_type, **kwargs)
         sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
                            self.policy.sigmas(self.num_inference_steps, self.height, self.width), time_shift,
