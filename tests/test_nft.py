@@ -66,7 +66,7 @@ def test_training_data_and_loss_equal_the_loss_function(tiny_sd3_path):
             out = module.training_loss(rollout, ADV, idx, k)
             x0, eps, t = rollout.final[idx], extras["noise"][k, idx], extras["times"][idx, k]
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-            cond = {n: c[idx] for n, c in rollout.cond.items()}
+            cond = rollout.cond.select(idx)
             v = module.policy.velocity(x_t, t, cond, 2.0)
             v_old = extras["v_old"][k, idx]
             # on-policy, before any update, the old velocity is the live one (bit for bit) ...
@@ -101,7 +101,7 @@ def test_kl_to_the_reference_uses_the_base_model(tiny_sd3_path):
     module.training_units(rollout)
     idx = torch.arange(2)
     x_t, x0, _, t = module.noised(rollout, idx, 1)
-    cond = {n: c[idx] for n, c in rollout.cond.items()}
+    cond = rollout.cond.select(idx)
     with module.policy.adapter_disabled(), torch.no_grad():
         v_base = module.policy.velocity(x_t, t, cond, 1.0)
     assert torch.equal(rollout.extras["v_ref"][1, idx], v_base)

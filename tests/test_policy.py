@@ -99,3 +99,35 @@ def test_policy_from_a_pipeline_object_drops_into_an_algorithm():
     assert "policy" not in module.hparams  # an object, not config data
     rollout = module.rollout(["a red circle", "a red circle"])
     assert rollout.images.shape == (2, 3, 16, 16)
+
+
+def test_conditioning_selects_expands_and_concatenates_every_kind_of_field():
+    """The algorithms only select / expand / concatenate samples; tensors, per-sample lists and shared fields
+    (e.g. FLUX position ids, Qwen-Image image shapes) each follow their own rule."""
+    from flowrl.policy import Conditioning
+
+    embeds = torch.arange(12.0).reshape(3, 2, 2)
+    ids = torch.zeros(5, 3)
+    cond = Conditioning({"prompt_embeds": embeds}, {"img_shapes": [(1, 2), (3, 4), (5, 6)]}, {"txt_ids": ids})
+    assert len(cond) == 3 and cond["txt_ids"] is ids and "img_shapes" in cond
+    picked = cond.select(torch.tensor([2, 0, 2]))
+    assert torch.equal(picked["prompt_embeds"], embeds[[2, 0, 2]]) and picked["img_shapes"] == [(5, 6), (1, 2), (5, 6)]
+    assert picked["txt_ids"] is ids
+    sliced = cond.select(slice(1, 3))
+    assert torch.equal(sliced["prompt_embeds"], embeds[1:3]) and sliced["img_shapes"] == [(3, 4), (5, 6)]
+    one = cond.select([1]).expand(4)
+    assert one["prompt_embeds"].shape == (4, 2, 2) and one["img_shapes"] == [(3, 4)] * 4
+    both = Conditioning.cat([one, cond])
+    assert len(both) == 7 and torch.equal(both["prompt_embeds"][4:], embeds) and both["txt_ids"] is ids
+    with pytest.raises(ValueError, match="one-sample"):
+        cond.expand(2)
+
+
+def test_dynamic_shift_mu_is_diffusers_line():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from flowrl.policy.adapter import dynamic_shift_mu
+
+    cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    for n in (64, 256, 1024, 4096):
+        assert dynamic_shift_mu(cfg, n) == pytest.approx(calculate_shift(n, 256, 4096, 0.5, 1.15))

@@ -121,7 +121,7 @@ def test_lora_reference_is_the_base_model(tiny_sd3_path):
     idx = torch.arange(2)
     v_ref = module.reference_velocity(rollout, idx, 0)
     step = rollout.train_steps[0]
-    cond = {k: t[idx] for k, t in rollout.cond.items()}
+    cond = rollout.cond.select(idx)
     x, s = rollout.latents[idx, 0], rollout.sigmas[step].item()
     with torch.no_grad():
         v = module.policy.velocity(x, s, cond, module.guidance_scale)

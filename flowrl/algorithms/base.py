@@ -327,7 +327,7 @@ class FlowRLModule(L.LightningModule):
             s, s_next = sigmas[i].item(), sigmas[i + 1].item()
             outs = []
             for sl in self._chunks(n):
-                chunk_cond = {k: v[sl] for k, v in cond.items()}
+                chunk_cond = cond.select(sl)
                 v = policy.velocity(x[sl], s, chunk_cond, guidance_scale)
                 outs.append(dyn.step(x[sl], v, s, s_next, noise=noise[i, sl]))
             x_next = torch.cat([o.prev_sample for o in outs])

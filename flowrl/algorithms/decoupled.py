@@ -33,7 +33,7 @@ from flowrl.algorithms.base import FlowRLModule, Rollout
 from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
 from flowrl.errors import ConfigError
-from flowrl.policy import PolicyConfig
+from flowrl.policy import Conditioning, PolicyConfig
 from flowrl.validation import check_number
 
 __all__ = ["DecoupledModule"]
@@ -132,8 +132,8 @@ class DecoupledModule(FlowRLModule):
         tc = self._column(t, x0)
         return (1.0 - tc) * x0 + tc * eps, x0, eps, t
 
-    def _cond(self, rollout: Rollout, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: c[idx] for name, c in rollout.cond.items()}
+    def _cond(self, rollout: Rollout, idx: torch.Tensor) -> Conditioning:
+        return rollout.cond.select(idx)
 
     def train_velocity(self, rollout: Rollout, idx: torch.Tensor, k: int) -> torch.Tensor:
         """The velocity at ``x_t`` of unit ``k``, with whatever weights are in the model now."""

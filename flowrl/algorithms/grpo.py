@@ -42,7 +42,7 @@ class GRPO(FlowRLModule):
         """Recompute trained step ``k`` for samples ``idx``: returns (step output, velocity, sigma, sigma_next)."""
         step = rollout.train_steps[k]
         s, s_next = rollout.sigmas[step].item(), rollout.sigmas[step + 1].item()
-        cond = {name: t[idx] for name, t in rollout.cond.items()}
+        cond = rollout.cond.select(idx)
         x = rollout.latents[idx, k]
         v = self.policy.velocity(x, s, cond, self.guidance_scale)
         out = self.dynamics.step(x, v, s, s_next, prev_sample=rollout.next_latents[idx, k])
@@ -52,7 +52,7 @@ class GRPO(FlowRLModule):
         """Velocity of the KL reference model at trained step ``k`` for samples ``idx`` (no gradient)."""
         ref = self.kl_reference
         step = rollout.train_steps[k]
-        cond = {name: t[idx] for name, t in rollout.cond.items()}
+        cond = rollout.cond.select(idx)
         with ref.reference(self):
             return self.policy.velocity(rollout.latents[idx, k], rollout.sigmas[step].item(), cond, self.guidance_scale)
 

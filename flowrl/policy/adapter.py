@@ -9,14 +9,102 @@ family (FLUX, Wan, ...) is one file with one ``ModelAdapter`` subclass decorated
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from flowrl.errors import ConfigError
 
-Conditioning = dict[str, torch.Tensor]
-"""Per-sample conditioning tensors (batch first), e.g. ``prompt_embeds`` and ``pooled_projections``."""
+GUIDANCE_MODES = ("cfg", "distilled")
+
+
+@dataclass
+class Conditioning:
+    """What a family's denoiser is conditioned on, for a batch of samples.
+
+    The adapter fills it and reads it (``cond["prompt_embeds"]``); the algorithms and the rollout loop only
+    select, expand and concatenate samples, so no family needs a special case outside its adapter file.
+
+    * ``tensors``: batch-first tensors (prompt embeddings, pooled projections, attention masks);
+    * ``per_sample``: lists with one entry per sample (e.g. image shapes);
+    * ``shared``: the same for every sample (e.g. FLUX's text/image position ids), carried unchanged.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    per_sample: dict[str, list] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        for t in self.tensors.values():
+            return int(t.shape[0])
+        for values in self.per_sample.values():
+            return len(values)
+        raise ValueError("a Conditioning needs at least one per-sample field")
+
+    def __getitem__(self, key: str):
+        for part in (self.tensors, self.per_sample, self.shared):
+            if key in part:
+                return part[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors or key in self.per_sample or key in self.shared
+
+    def select(self, index: slice | torch.Tensor | Sequence[int]) -> Conditioning:
+        """The samples ``index`` (a slice, or integer indices in any order, repeats allowed)."""
+        if isinstance(index, slice):
+            return Conditioning({k: v[index] for k, v in self.tensors.items()},
+                                {k: v[index] for k, v in self.per_sample.items()}, dict(self.shared))
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        rows = idx.tolist()
+        return Conditioning({k: v[idx.to(v.device)] for k, v in self.tensors.items()},
+                            {k: [v[i] for i in rows] for k, v in self.per_sample.items()}, dict(self.shared))
+
+    def expand(self, batch_size: int) -> Conditioning:
+        """A one-sample conditioning (the empty prompt) as ``batch_size`` samples, without copying tensors."""
+        if len(self) != 1:
+            raise ValueError(f"expand() takes a one-sample Conditioning, this one has {len(self)}")
+        return Conditioning({k: v.expand(batch_size, *v.shape[1:]) for k, v in self.tensors.items()},
+                            {k: v * batch_size for k, v in self.per_sample.items()}, dict(self.shared))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """The samples of ``parts`` one after the other (their ``shared`` fields must agree)."""
+        first = parts[0]
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in first.tensors},
+                            {k: [x for p in parts for x in p.per_sample[k]] for k in first.per_sample},
+                            dict(first.shared))
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.shared.items()}
+        return Conditioning({k: v.to(device) for k, v in self.tensors.items()}, dict(self.per_sample), moved)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.tensors.values():
+            return t.device
+        return torch.device("cpu")
+
+
+def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
+    """The resolution-dependent shift ``mu`` of schedulers with ``use_dynamic_shifting`` (SD3.5, FLUX, Qwen):
+    linear in the number of image tokens between ``(base_image_seq_len, base_shift)`` and
+    ``(max_image_seq_len, max_shift)``, as diffusers' pipelines compute it."""
+    cfg = scheduler_config
+    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    return image_seq_len * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
+
+
+def scheduler_sigmas(scheduler, num_inference_steps: int, image_seq_len: int) -> torch.Tensor:
+    """``scheduler``'s sigmas for ``num_inference_steps`` (float32, CPU, N + 1 values ending in 0), with the
+    dynamic shift for ``image_seq_len`` image tokens where the scheduler uses one."""
+    if scheduler.config.get("use_dynamic_shifting", False):
+        scheduler.set_timesteps(num_inference_steps, mu=dynamic_shift_mu(scheduler.config, image_seq_len))
+    else:
+        scheduler.set_timesteps(num_inference_steps)
+    return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -47,6 +135,9 @@ class ModelAdapter:
     default_lora_targets: tuple[str, ...] = ()
     #: pipeline attribute names of the frozen components flowrl keeps (moved with the module).
     frozen_components: tuple[str, ...] = ()
+    #: how guidance works: ``cfg`` (true classifier-free guidance against the empty prompt, two branches) or
+    #: ``distilled`` (the guidance scale is an input of the denoiser, one pass: FLUX.1-dev)
+    guidance_mode: str = "cfg"
 
     def __init__(self, pipeline, max_sequence_length: int | None = None):
         self.pipeline = pipeline
@@ -64,9 +155,15 @@ class ModelAdapter:
         """Shape of one sample's latent (no batch dim) for an image of ``height`` x ``width`` pixels."""
         raise NotImplementedError
 
-    def forward(self, denoiser: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Velocity ``v = eps - x0`` predicted for ``latents`` at noise level ``sigma`` (shape (B,))."""
+    def forward(self, denoiser: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
+        """Velocity ``v = eps - x0`` predicted for ``latents`` at noise level ``sigma`` (shape (B,)).
+        ``guidance`` is the scale of a ``distilled`` family (None for ``cfg`` families)."""
         raise NotImplementedError
+
+    def combine_guidance(self, v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """True CFG: ``v_u + scale * (v_c - v_u)`` (float32). A family may rescale it (Qwen-Image's norm rescale)."""
+        return v_uncond + scale * (v_cond - v_uncond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], float32 ``(B, C, H, W)`` (videos ``(B, T, C, H, W)``)."""

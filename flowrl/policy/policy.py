@@ -195,9 +195,9 @@ class FlowMatchingPolicy(nn.Module):
 
     def null_condition(self, batch_size: int) -> Conditioning:
         """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""
-        if self._null_cond is None or next(iter(self._null_cond.values())).device != self.device:
+        if self._null_cond is None or self._null_cond.device != self.device:
             self._null_cond = self.encode_prompt([""])
-        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._null_cond.items()}
+        return self._null_cond.expand(batch_size)
 
     def check_resolution(self, height: int, width: int) -> None:
         self.adapter.check_resolution(height, width)
@@ -209,15 +209,16 @@ class FlowMatchingPolicy(nn.Module):
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         return self.adapter.sigmas(num_inference_steps, height, width)
 
-    def _denoise(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 guidance: float | None = None) -> torch.Tensor:
         """The denoiser's raw prediction as float32. A low-precision frozen base (LoRA with ``frozen_dtype``)
         computes under autocast in that dtype when no autocast is active (the Trainer's ``precision``
         otherwise decides), so float32 adapters and activations meet bf16 weights without dtype errors."""
         device_type = latents.device.type
         if self.base_dtype == torch.float32 or torch.is_autocast_enabled(device_type):
-            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+            return self.adapter.forward(self.transformer, latents, sigma, cond, guidance).float()
         with torch.autocast(device_type, dtype=self.base_dtype):
-            return self.adapter.forward(self.transformer, latents, sigma, cond).float()
+            return self.adapter.forward(self.transformer, latents, sigma, cond, guidance).float()
 
     def velocity(
         self,
@@ -237,18 +238,20 @@ class FlowMatchingPolicy(nn.Module):
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
         sigma = sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
+        if self.adapter.guidance_mode == "distilled":  # the scale is an input of the denoiser: one pass
+            return self._denoise(latents, sigma, cond, guidance_scale)
         if guidance_scale <= 1.0:
             return self._denoise(latents, sigma, cond)
         n = latents.shape[0]
         uncond = uncond if uncond is not None else self.null_condition(n)
         if self.uncond_gradient:
-            both = {k: torch.cat([uncond[k].expand_as(cond[k]), cond[k]]) for k in cond}
+            both = Conditioning.cat([uncond, cond])
             v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).split(n)
         else:
             v = self._denoise(latents, sigma, cond)
             with torch.no_grad():
                 v_u = self._denoise(latents, sigma, uncond)
-        return v_u + guidance_scale * (v - v_u)
+        return self.adapter.combine_guidance(v_u, v, guidance_scale)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter
+from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter, scheduler_sigmas
 
 
 @register_adapter("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -44,7 +44,7 @@ class SD3Adapter(ModelAdapter):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return {"prompt_embeds": embeds, "pooled_projections": pooled}
+        return Conditioning({"prompt_embeds": embeds, "pooled_projections": pooled})
 
     def check_resolution(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
@@ -58,7 +58,7 @@ class SD3Adapter(ModelAdapter):
         f = self.vae_scale_factor
         return (self.pipeline.transformer.config.in_channels, height // f, width // f)
 
-    def forward(self, denoiser, latents, sigma, cond):
+    def forward(self, denoiser, latents, sigma, cond, guidance=None):
         param = next(denoiser.parameters())
         return denoiser(
             hidden_states=latents.to(param.dtype),
@@ -80,14 +80,5 @@ class SD3Adapter(ModelAdapter):
         return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
 
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        scheduler = self.pipeline.scheduler
-        if scheduler.config.get("use_dynamic_shifting", False):
-            f = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
-            seq_len = (height // f) * (width // f)
-            cfg = scheduler.config
-            m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
-            mu = seq_len * m + cfg.base_shift - m * cfg.base_image_seq_len
-            scheduler.set_timesteps(num_inference_steps, mu=mu)
-        else:
-            scheduler.set_timesteps(num_inference_steps)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        f = self.vae_scale_factor * self.pipeline.transformer.config.patch_size
+        return scheduler_sigmas(self.pipeline.scheduler, num_inference_steps, (height // f) * (width // f))
