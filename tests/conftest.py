@@ -22,6 +22,25 @@ def tiny_sd3_path(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline_path(tmp_path_factory, tiny_sd3_path):
+    """``tiny_pipeline_path("flux")``: a tiny random pipeline of that family saved with save_pretrained, built
+    once per session (``flowrl.policy.tiny``)."""
+    from flowrl.policy.tiny import FAMILIES, build_tiny_pipeline
+
+    paths = {"sd3": tiny_sd3_path}
+
+    def get(family: str) -> str:
+        family = FAMILIES.get(family, family)
+        if family not in paths:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            build_tiny_pipeline(family).save_pretrained(path)
+            paths[family] = str(path)
+        return paths[family]
+
+    return get
+
+
 @pytest.fixture()
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"

@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
 
 
-def tiny_overrides(config: str, tiny_sd3_path: str, prompt_file: str) -> list[str]:
-    """Shrink any config to a few seconds of CPU work on a tiny random SD3 (or the toy model)."""
+def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list[str]:
+    """Shrink any config to a few seconds of CPU work on the tiny pipeline of its family (or the toy model)."""
     args = [
         "--trainer.max_steps=2",
         "--trainer.accelerator=cpu",
@@ -30,7 +30,7 @@ def tiny_overrides(config: str, tiny_sd3_path: str, prompt_file: str) -> list[st
     ]
     if os.sep + "toy" + os.sep not in config:
         args += [
-            f"--model.policy.pretrained_model_name_or_path={tiny_sd3_path}",
+            f"--model.policy.pretrained_model_name_or_path={tiny_path}",
             "--model.policy.frozen_dtype=float32",
             "--model.policy.lora_rank=2",
             "--model.resolution=16",
@@ -54,10 +54,18 @@ def test_config_parses_and_prints(config, capsys):
     assert "trainer_type:" in printed and "policy:" in printed
 
 
+def config_family(config: str) -> str:
+    """The model family a config under lightning_configs/<dir>/ is for (its directory name)."""
+    return os.path.basename(os.path.dirname(config))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
-def test_config_runs_a_few_steps(config, tiny_sd3_path, prompt_file, tmp_path, monkeypatch):
+def test_config_runs_a_few_steps(config, tiny_pipeline_path, prompt_file, tmp_path, monkeypatch):
+    """Every shipped config, with its model swapped for the tiny pipeline of its family (toy configs: the toy)."""
     monkeypatch.chdir(tmp_path)  # runs/ and logs land in the temporary directory
-    cli = main(["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file)])
+    family = config_family(config)
+    tiny = None if family == "toy" else tiny_pipeline_path(family)
+    cli = main(["fit", "--config", config, *tiny_overrides(config, tiny, prompt_file)])
     assert cli.trainer.global_step >= 2
     assert cli.model.trainer_type == trainer_type_from_args(["--config", config])
     assert "train/loss" in cli.trainer.logged_metrics

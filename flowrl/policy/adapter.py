@@ -138,6 +138,8 @@ class ModelAdapter:
     #: how guidance works: ``cfg`` (true classifier-free guidance against the empty prompt, two branches) or
     #: ``distilled`` (the guidance scale is an input of the denoiser, one pass: FLUX.1-dev)
     guidance_mode: str = "cfg"
+    #: the prompt of the unconditional CFG branch
+    negative_prompt: str = ""
 
     def __init__(self, pipeline, max_sequence_length: int | None = None):
         self.pipeline = pipeline

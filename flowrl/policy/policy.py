@@ -196,7 +196,7 @@ class FlowMatchingPolicy(nn.Module):
     def null_condition(self, batch_size: int) -> Conditioning:
         """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""
         if self._null_cond is None or self._null_cond.device != self.device:
-            self._null_cond = self.encode_prompt([""])
+            self._null_cond = self.encode_prompt([self.adapter.negative_prompt])
         return self._null_cond.expand(batch_size)
 
     def check_resolution(self, height: int, width: int) -> None:
