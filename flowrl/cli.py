@@ -106,6 +106,10 @@ def model_keys_from_args(args: Sequence[str]) -> set[str]:
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:  # ``flowrl export``: not a Trainer subcommand (flowrl/export.py)
+        from flowrl.export import export_main
+
+        return export_main(argv[1:])
     trainer_type = trainer_type_from_args(argv)
     # An option of another trainer gets a message naming that trainer (jsonargparse would only say "unknown key").
     refuse_options_of_other_trainers(ALGORITHMS[trainer_type], model_keys_from_args(argv))
