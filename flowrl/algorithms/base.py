@@ -154,6 +154,7 @@ class FlowRLModule(L.LightningModule):
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
         self._check_schedule()
+        self.check_guidance(guidance_scale, self.eval_config.guidance_scale)
         eval_h, eval_w = _hw(self.eval_config.resolution or [self.height, self.width])
         self.policy.check_resolution(eval_h, eval_w)
         self.val_metrics = nn.ModuleDict({"reward": MeanMetric()})
@@ -207,6 +208,13 @@ class FlowRLModule(L.LightningModule):
         check_number("eval.num_inference_steps", cfg.num_inference_steps, 1, allow_none=True)
         check_number("eval.guidance_scale", cfg.guidance_scale, 1.0, allow_none=True,
                      hint=" (1 = no classifier-free guidance)")
+
+    def check_guidance(self, *scales: float | None) -> None:
+        """Guidance scales the model family cannot use (e.g. any but 1 on FLUX.1-schnell) fail at construction."""
+        check = getattr(self.policy.adapter, "check_guidance", None)
+        for scale in scales:
+            if check is not None and scale is not None:
+                check(scale)
 
     def _check_schedule(self) -> None:
         """The sampler's schedule is known once the policy is loaded: every step the SDE may take must keep

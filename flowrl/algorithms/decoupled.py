@@ -95,6 +95,7 @@ class DecoupledModule(FlowRLModule):
         self.time_shift = float(time_shift)
         self.timestep_fraction = float(timestep_fraction)
         self.train_guidance_scale = float(train_guidance_scale)
+        self.check_guidance(self.train_guidance_scale)
 
     # ------------------------------------------------------------------ callbacks
     def _callbacks(self) -> list:

@@ -1,0 +1,211 @@
+"""FLUX.1 on the tiny offline FluxPipeline (flowrl.policy.tiny.flux): dev (guidance embedding, distilled guidance)
+and schnell (no guidance). flowrl's sampling must be the stock pipeline's, bit for bit in float32."""
+
+import lightning as L
+import pytest
+import torch
+from diffusers import FluxPipeline
+from tiny import make_module, randomize_lora
+
+from flowrl.algorithms import AWM, GRPO, NFT
+from flowrl.data import PromptDataModule
+from flowrl.errors import ConfigError
+from flowrl.policy import FlowMatchingPolicy, PolicyConfig
+from flowrl.policy.flux import FluxAdapter
+
+PROMPTS = ["a red circle"] * 2 + ["two blue squares"] * 2
+ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])
+GUIDANCE = {"dev": 3.5, "schnell": 1.0}
+
+
+@pytest.fixture(scope="session")
+def flux_path(tiny_pipeline_path, tmp_path_factory):
+    """``flux_path("dev")`` / ``flux_path("schnell")``: the tiny FLUX.1 of that variant, saved with save_pretrained."""
+    from flowrl.policy.tiny.flux import build
+
+    paths = {"dev": tiny_pipeline_path("flux")}
+
+    def get(variant: str) -> str:
+        if variant not in paths:
+            path = tmp_path_factory.mktemp(f"tiny-flux-{variant}")
+            build(guidance_embeds=variant == "dev").save_pretrained(path)
+            paths[variant] = str(path)
+        return paths[variant]
+
+    return get
+
+
+def make_flux(cls, path, variant="dev", **kw):
+    return make_module(cls, path, **{"guidance_scale": GUIDANCE[variant], **kw})
+
+
+def fit_one_iteration(module, prompt_file):
+    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+# ---------------------------------------------------------------- (a) loading
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_loading_selects_the_flux_adapter(flux_path, variant):
+    policy = FlowMatchingPolicy.from_config(PolicyConfig(flux_path(variant), lora_rank=2))
+    adapter = policy.adapter
+    assert isinstance(policy.pipeline, FluxPipeline) and isinstance(adapter, FluxAdapter)
+    assert adapter.guidance_mode == "distilled" and adapter.has_guidance_embedding == (variant == "dev")
+    assert set(policy.frozen) == {"vae", "text_encoder", "text_encoder_2"}
+    assert adapter.max_sequence_length == 16  # the tiny T5 tokenizer's model_max_length (real FLUX: 512)
+    # LoRA on every default target, in the joint and in the single-stream blocks
+    lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in policy.named_trainable_parameters() if ".lora_A" in n}
+    assert "transformer.single_transformer_blocks.0.attn.to_q" in lora_modules
+    assert {m.split("attn.", 1)[1] for m in lora_modules} == {t.split("attn.", 1)[1] for t in adapter.default_lora_targets}
+    cond = policy.encode_prompt(["a red circle", "two blue squares"])
+    assert cond["prompt_embeds"].shape == (2, 16, 32) and cond["pooled_projections"].shape == (2, 32)
+    assert torch.equal(cond["txt_ids"], torch.zeros(16, 3)) and "txt_ids" in cond.shared
+    x = policy.prepare_latents(2, 16, 24, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 4, 8, 12)  # unpacked (B, C, H/f, W/f): the VAE's layout
+    v = policy.velocity(x, torch.tensor([0.9, 0.4]), cond, GUIDANCE[variant])
+    assert v.shape == x.shape and v.dtype == torch.float32 and v.requires_grad
+    images = policy.decode(x)
+    assert images.shape == (2, 3, 16, 24) and images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+    assert policy.adapter.encode_images(images).shape == x.shape
+
+
+# ---------------------------------------------------------------- (b) sampling = stock pipeline
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_ode_sampling_equals_the_stock_pipeline(flux_path, variant):
+    """flowrl's all-ODE sample() from noise x is FluxPipeline.__call__ from _pack_latents(x): same sigmas (linspace
+    with the dynamic shift of the image token count), position ids, guidance input and 2x2 packing. Non-square,
+    so a transposed height/width would show."""
+    module = make_flux(GRPO, flux_path(variant), variant, policy=PolicyConfig(flux_path(variant), finetune_type="full"))
+    policy, h, w, n = module.policy, 16, 24, 4
+    x = policy.prepare_latents(2, h, w, torch.Generator().manual_seed(1))
+    prompts = ["a red circle", "two blue squares"]
+    ours = module.sample(prompts, h, w, n, GUIDANCE[variant], torch.Generator().manual_seed(0), latents=x)
+    pipe = policy.pipeline  # the stock pipeline object holding the very same modules
+    stock = pipe(prompts, height=h, width=w, num_inference_steps=n, guidance_scale=GUIDANCE[variant],
+                 latents=policy.adapter.pack(x), max_sequence_length=16, output_type="latent").images
+    assert torch.equal(ours.sigmas, pipe.scheduler.sigmas.float())
+    assert ours.sigmas[0] == 1 and ours.sigmas[-1] == 0 and ours.sigmas.shape == (n + 1,)
+    torch.testing.assert_close(policy.adapter.pack(ours.final), stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(policy.adapter.unpack(stock, h // 2, w // 2), ours.final, rtol=1e-5, atol=1e-5)
+    if variant == "dev":  # the guidance scale really is an input of the denoiser
+        other = module.sample(prompts, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
+        assert not torch.allclose(other.final, ours.final)
+
+
+# ---------------------------------------------------------------- (c) exact on-policy ratio
+@pytest.mark.parametrize("variant, frozen_dtype", [("dev", "float32"), ("schnell", "float32"), ("dev", "bfloat16")])
+def test_grpo_on_policy_ratio_is_exactly_one(flux_path, variant, frozen_dtype):
+    """Every rollout log-prob is recomputed bit for bit by the training pass, also with the real configs' bf16
+    frozen base (autocast) under float32 LoRA."""
+    path = flux_path(variant)
+    module = make_flux(GRPO, path, variant, policy=PolicyConfig(path, lora_rank=4, frozen_dtype=frozen_dtype),
+                       clip_range=1e-2, noise_level=0.7)
+    randomize_lora(module)
+    rollout = module.rollout(PROMPTS)
+    assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
+    assert rollout.latents.shape[2:] == (4, 8, 8) and rollout.images.shape == (4, 3, 16, 16)
+    for sl in module._chunks(4):
+        idx = torch.arange(4)[sl]
+        for k in module.training_units(rollout):
+            out = module.training_loss(rollout, ADV, idx, k)
+            assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
+
+
+# ---------------------------------------------------------------- (d, e) training through Lightning
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (GRPO, dict(noise_level=0.7, train_batch_size=4)),
+        (NFT, dict(dynamics_type="ODE", num_train_timesteps=1, train_batch_size=4)),
+        (AWM, dict(dynamics_type="ODE", num_train_timesteps=1, train_batch_size=4)),
+    ],
+    ids=["grpo", "nft", "awm"],
+)
+def test_one_lora_optimizer_step(flux_path, prompt_file, cls, kw):
+    module = make_flux(cls, flux_path("dev"), **kw)
+    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+    assert before and all("lora" in n for n in before)
+    trainer = fit_one_iteration(module, prompt_file)
+    assert trainer.global_step >= 1 and "train/loss" in trainer.logged_metrics
+    assert torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+
+
+def test_full_finetuning_step_on_schnell(flux_path, prompt_file):
+    path = flux_path("schnell")
+    module = make_flux(GRPO, path, "schnell", policy=PolicyConfig(path, finetune_type="full"), noise_level=0.7,
+                       train_batch_size=4)
+    params = dict(module.policy.named_trainable_parameters())
+    assert sum(p.numel() for p in params.values()) == sum(p.numel() for p in module.policy.transformer.parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    fit_one_iteration(module, prompt_file)
+    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+
+
+@pytest.mark.parametrize("finetune_type", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(flux_path, finetune_type):
+    path = flux_path("dev")
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        policy = FlowMatchingPolicy.from_pretrained(path, finetune_type=finetune_type, lora_rank=2,
+                                                    gradient_checkpointing=checkpointing).train()
+        if finetune_type == "lora":
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for p in policy.trainable_parameters():
+                    p.normal_(0, 0.05)
+        transformer = policy.transformer
+        if checkpointing:
+            original = transformer._gradient_checkpointing_func
+            transformer._gradient_checkpointing_func = lambda *a, f=original, **k: calls.append(1) or f(*a, **k)
+        cond = policy.encode_prompt(["a red circle", "two blue squares"])
+        x = policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
+        v = policy.velocity(x, torch.tensor([0.8, 0.3]), cond, 3.5)
+        (v.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters()})
+    assert len(calls) == 2  # one joint and one single-stream block really ran checkpointed
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ---------------------------------------------------------------- (f) bad input
+def test_resolution_flux_cannot_make_is_refused_before_work(flux_path):
+    with pytest.raises(ConfigError, match="multiples of 4.*set resolution"):
+        make_flux(GRPO, flux_path("dev"), resolution=18)
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        make_flux(GRPO, flux_path("dev"), eval={"resolution": [16, 22]})
+    policy = FlowMatchingPolicy.from_pretrained(flux_path("dev"), lora_rank=2)
+    policy.check_resolution(16, 24)  # fine
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        policy.check_resolution(2, 16)
+
+
+def test_guidance_scale_on_schnell_is_refused(flux_path):
+    policy = FlowMatchingPolicy.from_pretrained(flux_path("schnell"), lora_rank=2)
+    with pytest.raises(ConfigError, match="no guidance embedding.*guidance_scale: 1"):
+        policy.adapter.check_guidance(3.5)
+    policy.adapter.check_guidance(1.0)
+    policy.adapter.check_guidance(None)
+    cond = policy.encode_prompt(["a red circle"])
+    x = policy.prepare_latents(1, 16, 16)
+    with pytest.raises(ConfigError, match="guidance_scale: 1"):
+        policy.velocity(x, 0.5, cond, 3.5)  # forward refuses too: no silent no-op guidance
+    # through a trainer: refused at construction (sampling, eval and NFT's training guidance alike)
+    with pytest.raises(ConfigError, match="FLUX.1-dev"):
+        make_flux(GRPO, flux_path("schnell"), "schnell", guidance_scale=3.5, noise_level=0.7)
+    with pytest.raises(ConfigError, match="FLUX.1-dev"):
+        make_flux(GRPO, flux_path("schnell"), "schnell", noise_level=0.7, eval={"guidance_scale": 3.5})
+    with pytest.raises(ConfigError, match="FLUX.1-dev"):
+        make_flux(NFT, flux_path("schnell"), "schnell", train_guidance_scale=2.0)
+    FlowMatchingPolicy.from_pretrained(flux_path("dev"), lora_rank=2).adapter.check_guidance(3.5)  # dev: fine
+
+
+def test_lora_targets_that_match_nothing_and_too_long_text_are_refused(flux_path):
+    with pytest.raises(ConfigError, match=r"match no module.*attn\.to_q"):
+        FlowMatchingPolicy.from_pretrained(flux_path("dev"), target_modules=["attn.not_a_layer"])
+    with pytest.raises(ConfigError, match="at most 512"):
+        FlowMatchingPolicy.from_pretrained(flux_path("dev"), max_sequence_length=1024)
