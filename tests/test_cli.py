@@ -38,6 +38,8 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
             f"--data.train_prompts={prompt_file}",
             f"--data.val_prompts={prompt_file}",
         ]
+    if os.sep + "wan" + os.sep in config:
+        args.append("--model.policy.num_frames=5")  # the tiny Wan's shortest clip, instead of the config's 33
     return args
 
 

@@ -118,14 +118,22 @@ def register_adapter(*pipeline_class_names: str):
     return wrap
 
 
-def adapter_for(pipeline, max_sequence_length: int | None = None) -> ModelAdapter:
+def adapter_for(pipeline, max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelAdapter:
     name = type(pipeline).__name__
     if name not in _ADAPTERS:
         raise ConfigError(
             f"no flowrl adapter for pipeline class {name!r}; supported: {sorted(_ADAPTERS)}. "
             "Add one ModelAdapter subclass decorated with @register_adapter in flowrl/policy/."
         )
-    return _ADAPTERS[name](pipeline, max_sequence_length=max_sequence_length)
+    cls = _ADAPTERS[name]
+    if not cls.is_video:  # image families keep their two-argument constructor
+        if num_frames is not None:
+            raise ConfigError(
+                f"policy.num_frames={num_frames} is set, but {name} generates images, not videos; "
+                "remove num_frames (null) for this model"
+            )
+        return cls(pipeline, max_sequence_length=max_sequence_length)
+    return cls(pipeline, max_sequence_length=max_sequence_length, num_frames=num_frames)
 
 
 class ModelAdapter:
@@ -140,11 +148,15 @@ class ModelAdapter:
     guidance_mode: str = "cfg"
     #: the prompt of the unconditional CFG branch
     negative_prompt: str = ""
+    #: a video family: latents have a frame axis and the constructor takes ``num_frames``
+    is_video: bool = False
 
-    def __init__(self, pipeline, max_sequence_length: int | None = None):
+    def __init__(self, pipeline, max_sequence_length: int | None = None, num_frames: int | None = None):
         self.pipeline = pipeline
         #: text tokens of the long-context encoder (T5); ``None`` means the family's default.
         self.max_sequence_length = max_sequence_length
+        #: frames per generated video (video families); ``None`` means the family's default.
+        self.num_frames = num_frames
 
     @property
     def denoiser(self) -> nn.Module:

@@ -47,6 +47,7 @@ class PolicyConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
     max_sequence_length: int | None = None
+    num_frames: int | None = None
     frozen_dtype: str = "float32"
     revision: str | None = None
     variant: str | None = None
@@ -62,6 +63,7 @@ class PolicyConfig:
                      hint=" (null = lora_rank)")
         check_number("policy.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
         check_number("policy.max_sequence_length", self.max_sequence_length, 1, allow_none=True)
+        check_number("policy.num_frames", self.num_frames, 1, allow_none=True, hint=" (video models; null = default)")
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
         path = resolve_model_path(self.pretrained_model_name_or_path)
@@ -101,6 +103,7 @@ class FlowMatchingPolicy(nn.Module):
         lora_dropout: float = 0.0,
         target_modules: Sequence[str] | None = None,
         max_sequence_length: int | None = None,
+        num_frames: int | None = None,
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
         uncond_gradient: bool = True,
@@ -109,7 +112,7 @@ class FlowMatchingPolicy(nn.Module):
         self.uncond_gradient = uncond_gradient
         if finetune_type not in FINETUNE_TYPES:
             raise ConfigError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
-        self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length)
+        self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length, num_frames=num_frames)
         self.pipeline = pipeline
         self.finetune_type = finetune_type
         self.transformer = self.adapter.denoiser
@@ -124,6 +127,11 @@ class FlowMatchingPolicy(nn.Module):
         if finetune_type == "lora":
             # The frozen base in frozen_dtype (a bf16 SD3.5-M base is 5 GB, not 10), the adapters in float32.
             self.transformer.to(self.base_dtype)
+            # modules the family keeps in float32 in any dtype (norms, modulation tables), as diffusers loads them
+            keep = getattr(self.transformer, "_keep_in_fp32_modules", None) or []
+            for name, param in self.transformer.named_parameters():
+                if any(k in name for k in keep):
+                    param.data = param.data.float()
             self._add_lora(lora_rank, lora_alpha or lora_rank, lora_dropout, target_modules)
             for p in self.transformer.parameters():
                 if p.requires_grad:
