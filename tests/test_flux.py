@@ -1,6 +1,8 @@
 """FLUX.1 on the tiny offline FluxPipeline (flowrl.policy.tiny.flux): dev (guidance embedding, distilled guidance)
 and schnell (no guidance). flowrl's sampling must be the stock pipeline's, bit for bit in float32."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -12,6 +14,8 @@ from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.flux import FluxAdapter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["a red circle"] * 2 + ["two blue squares"] * 2
 ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -209,3 +213,13 @@ def test_lora_targets_that_match_nothing_and_too_long_text_are_refused(flux_path
         FlowMatchingPolicy.from_pretrained(flux_path("dev"), target_modules=["attn.not_a_layer"])
     with pytest.raises(ConfigError, match="at most 512"):
         FlowMatchingPolicy.from_pretrained(flux_path("dev"), max_sequence_length=1024)
+
+
+def test_export_round_trip_into_a_stock_flux_pipeline(tiny_pipeline_path, prompt_file, tmp_path, monkeypatch):
+    """A LoRA trained by `flowrl fit` and written by `flowrl export` loads into a fresh stock FluxPipeline with
+    `load_lora_weights` and gives flowrl's velocity there."""
+    from test_export import assert_export_round_trip
+
+    monkeypatch.chdir(tmp_path)
+    assert_export_round_trip(tiny_pipeline_path("flux"), FluxPipeline, tmp_path, prompt_file,
+                             config=os.path.join(ROOT, "lightning_configs", "flux", "grpo.yaml"))

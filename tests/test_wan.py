@@ -1,6 +1,8 @@
 """Wan2.1 text-to-video on the tiny random ``WanPipeline`` (flowrl.policy.tiny.wan): 16x16 px, 5 frames (2 latent
 frames), 4 steps."""
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -14,6 +16,8 @@ from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.tiny.wan import build
 from flowrl.policy.wan import WanAdapter
 from flowrl.rewards import WeightedReward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FRAMES, LATENT_SHAPE = 5, (4, 2, 4, 4)  # 16 px, 5 frames -> 4 channels x 2 latent frames x 4 x 4
 TEXT = 32  # text tokens where the test is not about the stock pipeline's 512 (the tiny UMT5 is faster on 32)
@@ -220,3 +224,13 @@ def test_num_frames_on_an_image_family_is_refused(tiny_sd3_path):
     with pytest.raises(ConfigError, match="num_frames=5.*generates images.*remove num_frames"):
         FlowMatchingPolicy.from_pretrained(tiny_sd3_path, num_frames=5)
     FlowMatchingPolicy.from_pretrained(tiny_sd3_path, num_frames=None)  # unset: fine
+
+
+def test_export_round_trip_into_a_stock_wan_pipeline(tiny_pipeline_path, prompt_file, tmp_path, monkeypatch):
+    """A LoRA trained by `flowrl fit` and written by `flowrl export` loads into a fresh stock WanPipeline with
+    `load_lora_weights` and gives flowrl's velocity there (5-frame clips)."""
+    from test_export import assert_export_round_trip
+
+    monkeypatch.chdir(tmp_path)
+    assert_export_round_trip(tiny_pipeline_path("wan"), WanPipeline, tmp_path, prompt_file,
+                             config=os.path.join(ROOT, "lightning_configs", "wan", "grpo.yaml"))
