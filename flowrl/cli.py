@@ -39,19 +39,28 @@ def _flag_value(args: Sequence[str], flag: str) -> list[str]:
     return values
 
 
+def _config_documents(args: Sequence[str]) -> list[dict]:
+    """The mappings of the command line's ``--config`` files (or inline YAML), in order; unreadable ones skipped
+    (jsonargparse reports those itself)."""
+    documents = []
+    for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
+        text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict):
+            documents.append(data)
+    return documents
+
+
 def trainer_type_from_args(args: Sequence[str]) -> str:
     """``--trainer_type X`` wins; else the last ``--config`` that sets ``trainer_type``; else grpo."""
     explicit = _flag_value(args, "--trainer_type")
     found = explicit[-1] if explicit else None
     if found is None:
-        for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
-            text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError:
-                continue
-            if isinstance(data, dict) and "trainer_type" in data:
-                found = data["trainer_type"]
+        for data in _config_documents(args):
+            found = data.get("trainer_type", found)
     found = found or DEFAULT_TRAINER_TYPE
     if found not in ALGORITHMS:
         raise ConfigError(f"trainer_type {found!r} is unknown; choose one of {sorted(ALGORITHMS)}")
@@ -89,13 +98,8 @@ class FlowRLCLI(LightningCLI):
 def model_keys_from_args(args: Sequence[str]) -> set[str]:
     """The top-level ``model`` options a command line sets, in its ``--config`` files or as ``--model.X``."""
     keys: set[str] = set()
-    for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
-        text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
-            continue
-        model = data.get("model") if isinstance(data, dict) else None
+    for data in _config_documents(args):
+        model = data.get("model")
         if isinstance(model, dict):
             keys |= set(model.get("init_args", model) if "class_path" in model else model)
     for a in args:

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import FluxPipeline
-from tiny import make_module, randomize_lora
+from tiny import assert_same_gradients, checkpointing_gradients, make_module, randomize_lora
 
 from flowrl.algorithms import AWM, GRPO, NFT
 from flowrl.data import PromptDataModule
@@ -151,29 +151,9 @@ def test_full_finetuning_step_on_schnell(flux_path, prompt_file):
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_gradients(flux_path, finetune_type):
-    path = flux_path("dev")
-    grads, calls = [], []
-    for checkpointing in (False, True):
-        policy = FlowMatchingPolicy.from_pretrained(path, finetune_type=finetune_type, lora_rank=2,
-                                                    gradient_checkpointing=checkpointing).train()
-        if finetune_type == "lora":
-            torch.manual_seed(0)
-            with torch.no_grad():
-                for p in policy.trainable_parameters():
-                    p.normal_(0, 0.05)
-        transformer = policy.transformer
-        if checkpointing:
-            original = transformer._gradient_checkpointing_func
-            transformer._gradient_checkpointing_func = lambda *a, f=original, **k: calls.append(1) or f(*a, **k)
-        cond = policy.encode_prompt(["a red circle", "two blue squares"])
-        x = policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
-        v = policy.velocity(x, torch.tensor([0.8, 0.3]), cond, 3.5)
-        (v.square().mean()).backward()
-        grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters()})
-    assert len(calls) == 2  # one joint and one single-stream block really ran checkpointed
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    off, on, calls = checkpointing_gradients(flux_path("dev"), finetune_type, 3.5)
+    assert calls == 2  # one joint and one single-stream block really ran checkpointed
+    assert_same_gradients(off, on)
 
 
 # ---------------------------------------------------------------- (f) bad input

@@ -9,7 +9,7 @@ import torch
 from diffusers import QwenImagePipeline
 from test_export import assert_export_round_trip
 from test_grpo import _fit_one_iteration
-from tiny import make_module, randomize_lora
+from tiny import assert_same_gradients, checkpointing_gradients, make_module, randomize_lora
 
 from flowrl.algorithms import AWM, GRPO, NFT
 from flowrl.errors import ConfigError
@@ -162,31 +162,13 @@ def test_full_finetuning_step(qwen_path, prompt_file):
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_gradients(qwen_path, finetune_type):
-    grads, calls = [], []
-    for checkpointing in (False, True):
-        policy = FlowMatchingPolicy.from_pretrained(qwen_path, finetune_type=finetune_type, lora_rank=2,
-                                                    gradient_checkpointing=checkpointing).train()
-        if finetune_type == "lora":
-            torch.manual_seed(0)
-            with torch.no_grad():
-                for p in policy.trainable_parameters():
-                    p.normal_(0, 0.05)
-        transformer = policy.transformer
-        if checkpointing:
-            original = transformer._gradient_checkpointing_func
-            transformer._gradient_checkpointing_func = lambda *a, f=original, **k: calls.append(1) or f(*a, **k)
-        cond = policy.encode_prompt(TWO)
-        x = policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
-        v = policy.velocity(x, torch.tensor([0.8, 0.3]), cond, CFG)
-        v.square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters() if p.grad is not None})
-    assert len(calls) == 1  # the one block really ran checkpointed
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+    off, on, calls = checkpointing_gradients(qwen_path, finetune_type, CFG, prompts=TWO)
+    assert calls == 1  # the one block really ran checkpointed
     if finetune_type == "lora":  # the last block's text output is never read: only its text-out path has no grad
-        dead = {n for n, _ in policy.named_trainable_parameters()} - set(grads[0])
+        policy = FlowMatchingPolicy.from_pretrained(qwen_path, finetune_type="lora", lora_rank=2)
+        dead = {n for n, _ in policy.named_trainable_parameters()} - set(off)
         assert dead and all(".txt_mlp." in n or ".attn.to_add_out." in n for n in dead), dead
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_gradients(off, on)
 
 
 # ---------------------------------------------------------------- export: stock diffusers loads what flowrl trained

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline
-from tiny import make_module, randomize_lora
+from tiny import assert_same_gradients, checkpointing_gradients, make_module, randomize_lora
 
 from flowrl.algorithms import AWM, GRPO, NFT
 from flowrl.data import PromptDataModule
@@ -177,29 +177,10 @@ def test_bf16_frozen_base_keeps_exact_on_policy_ratios(wan_path, prompt_file, pr
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_gradients(wan_path, finetune_type):
-    grads, calls = [], []
-    for checkpointing in (False, True):
-        policy = FlowMatchingPolicy.from_pretrained(wan_path, finetune_type=finetune_type, lora_rank=2,
-                                                    num_frames=FRAMES, max_sequence_length=TEXT,
-                                                    gradient_checkpointing=checkpointing).train()
-        if finetune_type == "lora":
-            torch.manual_seed(0)
-            with torch.no_grad():
-                for p in policy.trainable_parameters():
-                    p.normal_(0, 0.05)
-        transformer = policy.transformer
-        assert transformer.gradient_checkpointing == checkpointing
-        if checkpointing:
-            original = transformer._gradient_checkpointing_func
-            transformer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
-        cond = policy.encode_prompt(["a red circle", "two blue squares"])
-        x = policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(0))
-        policy.velocity(x, torch.tensor([0.8, 0.3]), cond, 3.0).square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters()})
-    assert len(calls) == 1  # the one block really ran checkpointed (CFG branches batched in one pass)
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    off, on, calls = checkpointing_gradients(wan_path, finetune_type, 3.0, num_frames=FRAMES,
+                                             max_sequence_length=TEXT)
+    assert calls == 1  # the one block really ran checkpointed (CFG branches batched in one pass)
+    assert_same_gradients(off, on)
 
 
 # ---------------------------------------------------------------- bad input

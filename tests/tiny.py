@@ -26,3 +26,40 @@ def randomize_lora(module, std=0.05):
     with torch.no_grad():
         for p in module.policy.trainable_parameters():
             p.normal_(0, std)
+
+
+def checkpointing_gradients(path, finetune_type, guidance_scale, prompts=("a red circle", "two blue squares"),
+                            size=16, **policy_kwargs):
+    """The gradients of one velocity loss without and with gradient checkpointing, and how many checkpointed
+    block calls the second pass made: ``(grads_off, grads_on, calls)`` (a family test compares them)."""
+    from flowrl.policy import FlowMatchingPolicy
+
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        policy = FlowMatchingPolicy.from_pretrained(path, finetune_type=finetune_type, lora_rank=2,
+                                                    gradient_checkpointing=checkpointing, **policy_kwargs).train()
+        if finetune_type == "lora":
+            torch.manual_seed(0)
+            randomize_lora_policy(policy)
+        transformer = policy.transformer
+        assert transformer.gradient_checkpointing == checkpointing
+        if checkpointing:
+            original = transformer._gradient_checkpointing_func
+            transformer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        cond = policy.encode_prompt(list(prompts))
+        x = policy.prepare_latents(len(prompts), size, size, torch.Generator().manual_seed(0))
+        policy.velocity(x, torch.tensor([0.8, 0.3]), cond, guidance_scale).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters() if p.grad is not None})
+    return grads[0], grads[1], len(calls)
+
+
+def assert_same_gradients(off, on):
+    assert off.keys() == on.keys() and off
+    for n in off:
+        torch.testing.assert_close(on[n], off[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def randomize_lora_policy(policy, std=0.05):
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.normal_(0, std)
