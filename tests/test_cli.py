@@ -44,7 +44,9 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
 
 
 def test_configs_exist():
-    assert any("toy" in c for c in CONFIGS) and any("sd3" in c for c in CONFIGS)
+    assert any("toy" in c for c in CONFIGS)
+    for family in ("sd35", "flux", "qwen_image", "wan"):  # real-model configs: grpo and nft for every family
+        assert {os.path.basename(c) for c in CONFIGS if os.sep + family + os.sep in c} >= {"grpo.yaml", "nft.yaml"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
@@ -106,7 +108,7 @@ def test_trainer_type_selection(tmp_path):
 )
 def test_bad_input_fails_before_work(override, match, tiny_sd3_path, prompt_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    config = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
+    config = os.path.join(ROOT, "lightning_configs", "sd35", "grpo.yaml")
     args = ["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file), override]
     with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as info:
         main(args)
@@ -119,7 +121,7 @@ def test_empty_prompt_file_fails_before_work(tiny_sd3_path, prompt_file, tmp_pat
     monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    config = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
+    config = os.path.join(ROOT, "lightning_configs", "sd35", "grpo.yaml")
     args = ["fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file), f"--data.train_prompts={empty}"]
     with pytest.raises((ValueError, SystemExit)) as info:
         main(args)

@@ -10,7 +10,7 @@ from flowrl.cli import main
 from flowrl.policy import PolicyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD3_CONFIG = os.path.join(ROOT, "lightning_configs", "sd3", "grpo_lora.yaml")
+SD3_CONFIG = os.path.join(ROOT, "lightning_configs", "sd35", "grpo.yaml")
 
 
 def make_grpo(path, **kw):
