@@ -75,6 +75,15 @@ class PolicyConfig:
             )
 
 
+def _within_block(name: str) -> str:
+    """A module name without its block prefix: ``transformer_blocks.3.attn.to_out.0`` -> ``attn.to_out.0``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[i + 1:])
+    return name
+
+
 def _load_pipeline(config: PolicyConfig):
     from diffusers import DiffusionPipeline
 
@@ -161,9 +170,11 @@ class FlowMatchingPolicy(nn.Module):
             targets = [t for t in self.adapter.default_lora_targets if exists(t)]
         missing = [t for t in targets if not exists(t)]
         if missing:
+            linear = sorted({_within_block(n) for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)})
             raise ConfigError(
                 f"LoRA target_modules {missing} match no module of {type(self.transformer).__name__}; "
-                f"defaults for this model are {list(self.adapter.default_lora_targets)}"
+                f"defaults for this model are {list(self.adapter.default_lora_targets)}; its Linear layers "
+                f"are named like {linear[:24]}"
             )
         config = LoraConfig(
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights="gaussian"
