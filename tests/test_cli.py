@@ -132,7 +132,7 @@ def test_console_command_exits_zero_after_training(tiny_sd3_path, prompt_file, t
     """``flowrl fit ...`` (the console script) must end with status 0, not print the CLI object and exit 1."""
     import sys
 
-    config = next(c for c in CONFIGS if os.sep + "sd3" + os.sep in c)
+    config = next(c for c in CONFIGS if os.sep + "sd35" + os.sep in c)
     argv = ["flowrl", "fit", "--config", config, *tiny_overrides(config, tiny_sd3_path, prompt_file)]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", argv)
