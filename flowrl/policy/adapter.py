@@ -97,6 +97,27 @@ def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
     return image_seq_len * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
 
 
+def vae_decode_scaled(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents normalised by the VAE's ``scaling_factor`` / ``shift_factor`` (SD3, FLUX) to images in [0, 1]."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    images = vae.decode(z, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def vae_encode_scaled(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] to latents normalised as :func:`vae_decode_scaled` expects them (float32)."""
+    z = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.sample()
+    return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
+
+
+def vae_latent_stats(vae_config, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Wan-style VAE's ``latents_mean`` and ``1 / latents_std``, shaped (1, z_dim, 1, 1, 1) as the stock Wan and
+    Qwen-Image pipelines build them (normalised latents are ``(z - mean) * inv_std``)."""
+    mean = torch.tensor(vae_config.latents_mean).view(1, vae_config.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(1, vae_config.z_dim, 1, 1, 1).to(like.device, like.dtype)
+    return mean, inv_std
+
+
 def scheduler_sigmas(scheduler, num_inference_steps: int, image_seq_len: int) -> torch.Tensor:
     """``scheduler``'s sigmas for ``num_inference_steps`` (float32, CPU, N + 1 values ending in 0), with the
     dynamic shift for ``image_seq_len`` image tokens where the scheduler uses one."""

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, dynamic_shift_mu, register_adapter
+from flowrl.policy.adapter import (
+    Conditioning,
+    ModelAdapter,
+    dynamic_shift_mu,
+    register_adapter,
+    vae_decode_scaled,
+    vae_encode_scaled,
+)
 
 #: FLUX's T5 context when neither ``policy.max_sequence_length`` nor the tokenizer says less (the stock default)
 FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -148,15 +155,10 @@ class FluxAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ VAE
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode_scaled(self.pipeline.vae, latents)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        z = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.sample()
-        return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
+        return vae_encode_scaled(self.pipeline.vae, images)
 
     # ------------------------------------------------------------------ schedule
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter
+from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter, vae_latent_stats
 
 #: ``QwenImagePipeline.__call__``'s text length (``encode_prompt`` alone would keep 1024)
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
@@ -174,11 +174,7 @@ class QwenImageAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ VAE
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stock pipeline's ``latents_mean`` and ``latents_std`` (which is ``1 / std``), shaped for 5-D latents."""
-        cfg = self.pipeline.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, inv_std
+        return vae_latent_stats(self.pipeline.vae.config, like)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae

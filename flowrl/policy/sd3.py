@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter, scheduler_sigmas
+from flowrl.policy.adapter import (
+    Conditioning,
+    ModelAdapter,
+    register_adapter,
+    scheduler_sigmas,
+    vae_decode_scaled,
+    vae_encode_scaled,
+)
 
 
 @register_adapter("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -69,15 +76,10 @@ class SD3Adapter(ModelAdapter):
         )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode_scaled(self.pipeline.vae, latents)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        z = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.sample()
-        return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
+        return vae_encode_scaled(self.pipeline.vae, images)
 
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         f = self.vae_scale_factor * self.pipeline.transformer.config.patch_size

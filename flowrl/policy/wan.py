@@ -26,7 +26,13 @@ from collections.abc import Sequence
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter, scheduler_sigmas
+from flowrl.policy.adapter import (
+    Conditioning,
+    ModelAdapter,
+    register_adapter,
+    scheduler_sigmas,
+    vae_latent_stats,
+)
 
 #: Wan's frame count (5 s at 16 fps) when ``policy.num_frames`` is null
 DEFAULT_NUM_FRAMES = 81
@@ -165,11 +171,7 @@ class WanAdapter(ModelAdapter):
         )[0]
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``latents_mean`` and ``1 / latents_std`` shaped (1, z_dim, 1, 1, 1), built as ``WanPipeline`` builds them."""
-        cfg = self.pipeline.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, inv_std
+        return vae_latent_stats(self.pipeline.vae.config, like)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from flowrl.policy.tiny.text import build_t5_tokenizer
 from flowrl.toy.pipeline import BOS, DEFAULT_WORDS, EOS, build_word_tokenizer
 
 #: FLUX.1's scheduler configuration (resolution-dependent shift between 256 and 4096 image tokens)
@@ -28,17 +29,6 @@ FLUX_SCHEDULER_CONFIG = dict(
 
 #: FLUX.1's VAE normalisation (``z = (latent - shift) * scale``)
 FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR = 0.3611, 0.1159
-
-
-def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 16) -> T5TokenizerFast:
-    """A real T5 tokenizer (Unigram, ``</s>`` appended, ``<pad>`` = 0) whose pieces are ``words`` plus single
-    letters, built in memory; it saves and loads with ``save_pretrained`` / ``from_pretrained``."""
-    words = sorted(set(words))
-    letters = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz"))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -1.0) for w in words]
-    vocab += [(c, -5.0) for c in letters]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
 def build(

@@ -19,23 +19,13 @@ from collections.abc import Iterable
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
+from flowrl.policy.tiny.text import build_t5_tokenizer
 from flowrl.toy.pipeline import DEFAULT_WORDS
 
 #: Wan2.1's flow shift at 480p (5.0 is its 720p value)
 WAN_FLOW_SHIFT = 3.0
-
-
-def build_umt5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 64) -> T5TokenizerFast:
-    """A real T5 tokenizer (Unigram; ``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2, as UMT5's) whose pieces are
-    ``words`` plus single letters, built in memory; it saves and loads with ``save_pretrained`` / ``from_pretrained``."""
-    words = sorted(set(words))
-    letters = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz"))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -1.0) for w in words]
-    vocab += [(c, -5.0) for c in letters]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
 def build(
@@ -84,7 +74,7 @@ def build(
         scale_factor_temporal=4,
         scale_factor_spatial=4,
     )
-    tokenizer = build_umt5_tokenizer(words)
+    tokenizer = build_t5_tokenizer(words, model_max_length=64)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer),
