@@ -7,7 +7,13 @@ import lightning as L
 import pytest
 import torch
 from diffusers import FluxPipeline
-from tiny import assert_same_gradients, checkpointing_gradients, make_module, randomize_lora
+from tiny import (
+    assert_on_policy_ratios_are_one,
+    assert_same_gradients,
+    checkpointing_gradients,
+    make_module,
+    randomize_lora,
+)
 
 from flowrl.algorithms import AWM, GRPO, NFT
 from flowrl.data import PromptDataModule
@@ -111,11 +117,7 @@ def test_grpo_on_policy_ratio_is_exactly_one(flux_path, variant, frozen_dtype):
     rollout = module.rollout(PROMPTS)
     assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
     assert rollout.latents.shape[2:] == (4, 8, 8) and rollout.images.shape == (4, 3, 16, 16)
-    for sl in module._chunks(4):
-        idx = torch.arange(4)[sl]
-        for k in module.training_units(rollout):
-            out = module.training_loss(rollout, ADV, idx, k)
-            assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
+    assert_on_policy_ratios_are_one(module, rollout, ADV)
 
 
 # ---------------------------------------------------------------- (d, e) training through Lightning

@@ -1,7 +1,7 @@
 import lightning as L
 import pytest
 import torch
-from tiny import make_module
+from tiny import assert_on_policy_ratios_are_one, make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.data import PromptDataModule
@@ -22,11 +22,7 @@ def test_on_policy_ratio_is_exactly_one(tiny_sd3_path, dynamics_type):
     rollout = module.rollout(prompts)
     assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    for sl in module._chunks(4):
-        idx = torch.arange(4)[sl]
-        for k in module.training_units(rollout):
-            out = module.training_loss(rollout, advantages, idx, k)
-            assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
+    assert_on_policy_ratios_are_one(module, rollout, advantages)
 
 
 def test_stored_trajectory_matches_odes_outside_trained_steps(tiny_sd3_path):

@@ -63,3 +63,14 @@ def randomize_lora_policy(policy, std=0.05):
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.normal_(0, std)
+
+
+def assert_on_policy_ratios_are_one(module, rollout, advantages):
+    """The training pass recomputes every rollout log-prob bit for bit: every ratio of every micro-batch and
+    trained step is exactly 1 before any update."""
+    n = len(rollout.prompts)
+    for sl in module._chunks(n):
+        idx = torch.arange(n)[sl]
+        for k in module.training_units(rollout):
+            out = module.training_loss(rollout, advantages, idx, k)
+            assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
