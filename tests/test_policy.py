@@ -159,3 +159,15 @@ def test_sd3_gradient_checkpointing_gives_the_same_gradients(tiny_sd3_path, fine
     off, on, calls = checkpointing_gradients(tiny_sd3_path, finetune_type, 3.0)
     assert calls  # the blocks really ran checkpointed
     assert_same_gradients(off, on)
+
+
+def test_a_pipeline_without_an_adapter_lists_the_supported_families():
+    from flowrl.errors import ConfigError
+    from flowrl.policy import adapter_for
+
+    class MyPipeline:  # any diffusers pipeline class flowrl has no adapter file for
+        pass
+
+    with pytest.raises(ConfigError, match=r"no flowrl adapter for pipeline class 'MyPipeline'.*FluxPipeline.*"
+                                          r"QwenImagePipeline.*StableDiffusion3Pipeline.*WanPipeline.*register_adapter"):
+        adapter_for(MyPipeline())
