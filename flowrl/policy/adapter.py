@@ -12,12 +12,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from flowrl.errors import ConfigError
 
 GUIDANCE_MODES = ("cfg", "distilled")
+
+#: diffusers' joint (MMDiT) attention projections of the image and text streams: SD3, FLUX and Qwen-Image name
+#: them alike, and LoRA on them is what the papers train by default
+JOINT_ATTENTION_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 @dataclass
@@ -88,11 +102,15 @@ class Conditioning:
         return torch.device("cpu")
 
 
+#: the shift-line constants diffusers' pipelines fall back to when a scheduler config lacks them
+_SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
+
 def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
     """The resolution-dependent shift ``mu`` of schedulers with ``use_dynamic_shifting`` (SD3.5, FLUX, Qwen):
     linear in the number of image tokens between ``(base_image_seq_len, base_shift)`` and
-    ``(max_image_seq_len, max_shift)``, as diffusers' pipelines compute it."""
-    cfg = scheduler_config
+    ``(max_image_seq_len, max_shift)``, as diffusers' pipelines compute it (with their defaults for missing keys)."""
+    cfg = {k: scheduler_config.get(k, v) for k, v in _SHIFT_DEFAULTS.items()}
     m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
     return image_seq_len * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
 
@@ -214,3 +232,56 @@ class ModelAdapter:
 
     def check_resolution(self, height: int, width: int) -> None:
         """Raise ``ValueError`` naming the fix if the family cannot generate this size."""
+
+
+class PackedLatentsAdapter(ModelAdapter):
+    """A family whose transformer reads latents packed in 2x2 patches (FLUX, Qwen-Image): flowrl keeps them
+    unpacked, ``(B, C, H/f, W/f)``, and packs inside ``forward`` with the stock pipeline's own ``_pack_latents``
+    / ``_unpack_latents`` (a permutation, so sampling is the stock pipeline's exactly)."""
+
+    #: the family's name in messages
+    family_name: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        raise NotImplementedError
+
+    def check_resolution(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2  # the VAE's downsampling x the 2x2 latent packing
+        if height < multiple or width < multiple or height % multiple or width % multiple:
+            low_h, low_w = (max(multiple, v // multiple * multiple) for v in (height, width))
+            raise ConfigError(
+                f"resolution {height}x{width}: {self.family_name} needs height and width that are positive multiples "
+                f"of {multiple} (VAE factor {self.vae_scale_factor} x 2x2 latent packing; the stock pipeline would "
+                f"silently resize); set resolution (and eval.resolution) to e.g. [{low_h}, {low_w}]"
+            )
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (self.pipeline.transformer.config.in_channels // 4, height // f, width // f)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` (or a video VAE's ``(B, C, 1, H, W)``) -> the transformer's ``(B, H/2 * W/2, 4C)``."""
+        b, c, h, w = latents.shape[0], latents.shape[1], latents.shape[-2], latents.shape[-1]
+        return self.pipeline._pack_latents(latents, b, c, h, w)
+
+    def unpack(self, packed: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+        f = self.vae_scale_factor
+        return self.pipeline._unpack_latents(packed, latent_height * f, latent_width * f, f)
+
+    #: the stock pipeline lets a scheduler with ``use_flow_sigmas`` choose its own sigmas (FLUX's does)
+    honours_use_flow_sigmas: bool = False
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
+        """What the stock pipeline's ``__call__`` sets: ``linspace(1, 1/N, N)`` shifted by ``mu`` of the packed image
+        token count (the scheduler applies any ``shift_terminal``), then 0 appended (float32)."""
+        scheduler = self.pipeline.scheduler
+        f = self.vae_scale_factor * 2
+        mu = dynamic_shift_mu(scheduler.config, (height // f) * (width // f))
+        n = num_inference_steps
+        if self.honours_use_flow_sigmas and scheduler.config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(n, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from flowrl.errors import ConfigError
 from flowrl.policy.adapter import (
+    JOINT_ATTENTION_LORA_TARGETS,
     Conditioning,
-    ModelAdapter,
-    dynamic_shift_mu,
+    PackedLatentsAdapter,
     register_adapter,
     vae_decode_scaled,
     vae_encode_scaled,
@@ -29,26 +28,16 @@ from flowrl.policy.adapter import (
 FLUX_MAX_SEQUENCE_LENGTH = 512
 
 #: the stock pipeline's fallbacks for a scheduler config without the dynamic-shift keys (``calculate_shift``)
-_SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
-
-
 @register_adapter("FluxPipeline")
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(PackedLatentsAdapter):
     """FLUX.1-dev (``transformer.config.guidance_embeds``: the guidance scale is an input, one pass per step) and
     FLUX.1-schnell (no guidance input: only ``guidance_scale: 1`` is accepted, see :meth:`check_guidance`)."""
 
     # The joint (double-stream) blocks' image and text projections; the single-stream blocks' attention has
     # to_q / to_k / to_v as well (peft matches "attn.to_q" in both kinds of block).
-    default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    family_name = "FLUX"
+    honours_use_flow_sigmas = True
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
     frozen_components = ("vae", "text_encoder", "text_encoder_2")
     #: both variants route the scale to ``forward``: dev embeds it, schnell refuses anything but 1
     guidance_mode = "distilled"
@@ -88,19 +77,6 @@ class FluxAdapter(ModelAdapter):
             "guidance-distilled model such as black-forest-labs/FLUX.1-dev"
         )
 
-    def check_resolution(self, height: int, width: int) -> None:
-        multiple = self.vae_scale_factor * 2  # the VAE's downsampling x FLUX's 2x2 packing
-        if height < multiple or width < multiple or height % multiple or width % multiple:
-            raise ConfigError(
-                f"resolution {height}x{width}: FLUX needs height and width that are positive multiples of {multiple} "
-                f"(VAE factor {self.vae_scale_factor} x 2x2 latent packing); set resolution (and eval.resolution) "
-                f"to e.g. {max(multiple, (height // multiple) * multiple)}"
-            )
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels // 4, height // f, width // f)
-
     # ------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
@@ -122,14 +98,6 @@ class FluxAdapter(ModelAdapter):
                 1, latent_height // 2, latent_width // 2, device, torch.float32
             )
         return self._img_ids[key]
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = latents.shape
-        return self.pipeline._pack_latents(latents, b, c, h, w)
-
-    def unpack(self, packed: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
-        f = self.vae_scale_factor
-        return self.pipeline._unpack_latents(packed, latent_height * f, latent_width * f, f)
 
     # ------------------------------------------------------------------ denoiser
     def forward(self, denoiser, latents, sigma, cond, guidance=None):
@@ -159,18 +127,3 @@ class FluxAdapter(ModelAdapter):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return vae_encode_scaled(self.pipeline.vae, images)
-
-    # ------------------------------------------------------------------ schedule
-    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        """What ``FluxPipeline.__call__`` sets: ``linspace(1, 1/N, N)`` shifted by ``mu`` of the image token count,
-        then 0 appended (float32)."""
-        scheduler = self.pipeline.scheduler
-        f = self.vae_scale_factor * 2
-        image_seq_len = (height // f) * (width // f)
-        mu = dynamic_shift_mu({**_SHIFT_DEFAULTS, **dict(scheduler.config)}, image_seq_len)
-        n = num_inference_steps
-        if scheduler.config.get("use_flow_sigmas", False):  # the stock pipeline then lets the scheduler choose
-            scheduler.set_timesteps(n, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()

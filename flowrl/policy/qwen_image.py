@@ -28,12 +28,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, ModelAdapter, register_adapter, vae_latent_stats
+from flowrl.policy.adapter import (
+    JOINT_ATTENTION_LORA_TARGETS,
+    Conditioning,
+    PackedLatentsAdapter,
+    register_adapter,
+    vae_latent_stats,
+)
 
 #: ``QwenImagePipeline.__call__``'s text length (``encode_prompt`` alone would keep 1024)
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
@@ -41,32 +46,11 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 MAX_SEQUENCE_LENGTH_LIMIT = 1024
 
 
-def _calculate_shift(scheduler_config, image_seq_len: int) -> float:
-    """The stock pipeline's ``mu`` (its own ``calculate_shift`` with its defaults for missing config keys)."""
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-    cfg = scheduler_config
-    return calculate_shift(
-        image_seq_len,
-        cfg.get("base_image_seq_len", 256),
-        cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5),
-        cfg.get("max_shift", 1.15),
-    )
-
-
 @register_adapter("QwenImagePipeline")
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(PackedLatentsAdapter):
     # Flow-GRPO's Qwen-Image LoRA targets: the joint attention's image and text projections and both MLPs
-    default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+    family_name = "Qwen-Image"
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS + (
         "img_mlp.net.0.proj",
         "img_mlp.net.2",
         "txt_mlp.net.0.proj",
@@ -98,20 +82,6 @@ class QwenImageAdapter(ModelAdapter):
         """The VAE's spatial factor, as the stock pipeline computes it (``2 ** len(temperal_downsample)``)."""
         return int(self.pipeline.vae_scale_factor)
 
-    def check_resolution(self, height: int, width: int) -> None:
-        multiple = self.vae_scale_factor * 2  # the VAE's downsampling x the 2x2 latent packing
-        if height < multiple or width < multiple or height % multiple or width % multiple:
-            low_h, low_w = (max(multiple, v // multiple * multiple) for v in (height, width))
-            raise ConfigError(
-                f"resolution {height}x{width}: Qwen-Image needs height and width that are positive multiples of "
-                f"{multiple} (VAE factor {self.vae_scale_factor} x 2x2 latent packing; the stock pipeline would "
-                f"silently resize); set resolution (and eval.resolution) to e.g. [{low_h}, {low_w}]"
-            )
-
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels // 4, height // f, width // f)
-
     # ------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         length = self.max_sequence_length
@@ -134,14 +104,8 @@ class QwenImageAdapter(ModelAdapter):
         return embeds, mask
 
     # ------------------------------------------------------------------ packing
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` (or the VAE's ``(B, C, 1, H, W)``) -> the transformer's ``(B, H/2 * W/2, 4C)``."""
-        b, c, h, w = latents.shape[0], latents.shape[1], latents.shape[-2], latents.shape[-1]
-        return self.pipeline._pack_latents(latents, b, c, h, w)
-
     def unpack(self, packed: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
-        f = self.vae_scale_factor
-        return self.pipeline._unpack_latents(packed, latent_height * f, latent_width * f, f)[:, :, 0]
+        return super().unpack(packed, latent_height, latent_width)[:, :, 0]  # its VAE's frame axis of 1
 
     # ------------------------------------------------------------------ denoiser
     def forward(self, denoiser, latents, sigma, cond, guidance=None):
@@ -188,14 +152,3 @@ class QwenImageAdapter(ModelAdapter):
         z = vae.encode((images * 2 - 1).to(vae.dtype).unsqueeze(2)).latent_dist.sample()
         mean, inv_std = self._latent_stats(z)
         return ((z - mean) * inv_std)[:, :, 0].float()
-
-    # ------------------------------------------------------------------ schedule
-    def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
-        """What ``QwenImagePipeline.__call__`` sets: ``linspace(1, 1/N, N)`` shifted by ``mu`` of the packed image
-        token count (and stretched to ``shift_terminal``), then 0 appended (float32)."""
-        scheduler = self.pipeline.scheduler
-        f = self.vae_scale_factor * 2
-        image_seq_len = (height // f) * (width // f)
-        n = num_inference_steps
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=_calculate_shift(scheduler.config, image_seq_len))
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()

@@ -8,6 +8,7 @@ import torch
 
 from flowrl.errors import ConfigError
 from flowrl.policy.adapter import (
+    JOINT_ATTENTION_LORA_TARGETS,
     Conditioning,
     ModelAdapter,
     register_adapter,
@@ -19,16 +20,7 @@ from flowrl.policy.adapter import (
 
 @register_adapter("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 class SD3Adapter(ModelAdapter):
-    default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
     frozen_components = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(self, pipeline, max_sequence_length: int | None = None):
