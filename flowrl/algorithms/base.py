@@ -136,9 +136,9 @@ class FlowRLModule(L.LightningModule):
         self.same_initial_noise = same_initial_noise
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
-        self._validate_common(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size)
-        self._validate_numbers(resolution, num_inference_steps, guidance_scale, max_grad_norm, clip_range,
-                               adv_clip_range, dynamics_type, noise_level)
+        self._validate_numbers(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size, resolution,
+                               num_inference_steps, guidance_scale, max_grad_norm, clip_range, adv_clip_range,
+                               dynamics_type, noise_level)
 
         # Configuration errors surface here, before any weights load.
         self.dynamics = build_dynamics(dynamics_type, noise_level)
@@ -187,8 +187,13 @@ class FlowRLModule(L.LightningModule):
                 "policy gradient (the run would learn nothing); set noise_level > 0 (e.g. 0.7)"
             )
 
-    def _validate_numbers(self, resolution, num_inference_steps, guidance_scale, max_grad_norm, clip_range,
-                          adv_clip_range, dynamics_type, noise_level) -> None:
+    def _validate_numbers(self, group_size, num_inner_epochs, accumulation, train_batch_size, resolution,
+                          num_inference_steps, guidance_scale, max_grad_norm, clip_range, adv_clip_range,
+                          dynamics_type, noise_level) -> None:
+        check_number("group_size", group_size, 2, hint=" (group-relative advantages need group_size >= 2)")
+        check_number("num_inner_epochs", num_inner_epochs, 1)
+        check_number("gradient_accumulation_steps", accumulation, 1)
+        check_number("train_batch_size", train_batch_size, 1, allow_none=True, hint="; null = the whole batch")
         for h_or_w in _hw(resolution):
             check_number("resolution", h_or_w, 1)
         check_number("num_inference_steps", num_inference_steps, 2, hint=" (the last step is never trained)")
@@ -232,14 +237,6 @@ class FlowRLModule(L.LightningModule):
                     f"on this schedule: step {i} (sigma {s:.4f} -> {s_next:.4f}) gets a mean coefficient on x of "
                     f"{out.mean.item():.3f} (it must stay > 0); lower noise_level or use more sampling steps"
                 )
-
-    def _validate_common(self, group_size, num_inner_epochs, accumulation, train_batch_size):
-        if group_size < 2:
-            raise ConfigError(f"group_size={group_size}: group-relative advantages need group_size >= 2")
-        if num_inner_epochs < 1 or accumulation < 1:
-            raise ConfigError("num_inner_epochs and gradient_accumulation_steps must be >= 1")
-        if train_batch_size is not None and train_batch_size < 1:
-            raise ConfigError(f"train_batch_size={train_batch_size} must be >= 1 (or null for the whole batch)")
 
     # ------------------------------------------------------------------ Lightning plumbing
     def configure_optimizers(self):

@@ -56,10 +56,7 @@ class GRPOGuard(GRPO):
                 f"{dynamics_type!r}. Set dynamics_type: Flow-SDE, or use trainer_type: grpo for "
                 "Dance-SDE / CPS (and nft / awm for ODE sampling)"
             )
-        if self.dynamics.noise_level <= 0:
-            raise ConfigError("trainer_type 'grpo-guard' divides by the step std, which noise_level 0 makes 0; "
-                             "set noise_level > 0 (e.g. 0.7)")
-        super().check_dynamics(dynamics_type)
+        super().check_dynamics(dynamics_type)  # noise_level 0 (a step std of 0) is refused there
 
     def step_scale(self, s: float, s_next: float) -> tuple[float, float]:
         """``(scale, dt)`` of the step ``s -> s_next``: ``scale = std_dev_t * sqrt(-dt)``."""
