@@ -12,6 +12,7 @@ from flowrl.algorithms.decoupled import DecoupledModule, _disabled
 from flowrl.errors import ConfigError
 from flowrl.losses import AWM_WEIGHTINGS, awm_loss
 from flowrl.policy import PolicyConfig
+from flowrl.validation import check_number
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,8 @@ class AWM(DecoupledModule):
     ):
         if awm_weighting not in AWM_WEIGHTINGS:
             raise ConfigError(f"unknown awm_weighting {awm_weighting!r}; choose one of {', '.join(AWM_WEIGHTINGS)}")
-        if not ghuber_power > 0:
-            raise ConfigError(f"ghuber_power={ghuber_power} must be > 0 (0.25 is the default)")
-        if ema_kl_beta is None or not ema_kl_beta >= 0:
-            raise ConfigError(f"ema_kl_beta={ema_kl_beta} must be >= 0 (0 disables the EMA KL term)")
+        check_number("ghuber_power", ghuber_power, 0, low_open=True, hint=" (0.25 is the default)")
+        check_number("ema_kl_beta", ema_kl_beta, 0, hint=" (0 disables the EMA KL term)")
         if _disabled(ema_kl_beta) and _disabled(clip_range):
             warnings.warn(_UNCONSTRAINED, UserWarning, stacklevel=2)
             log.warning(_UNCONSTRAINED)

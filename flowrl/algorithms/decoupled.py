@@ -77,8 +77,7 @@ class DecoupledModule(FlowRLModule):
         refuse_options_of_other_trainers(type(self), kwargs)  # e.g. clip_range for nft, window_size ...
         if dynamics_type == "ODE":
             _refuse_sde_options_under_ode(kwargs)
-        if train_guidance_scale < 1.0:
-            raise ConfigError(f"train_guidance_scale={train_guidance_scale} must be >= 1 (1 = no guidance)")
+        check_number("train_guidance_scale", train_guidance_scale, 1.0, hint=" (1 = no guidance)")
         check_number("time_shift", time_shift, 0, low_open=True, hint=" (1 = no shift)")
         # Bad time-sampling settings fail here, before the weights load: a dry draw on a schedule whose steps
         # all lie in range (how many of the real steps do is checked on the real schedule once it is known).

@@ -6,10 +6,9 @@ import torch
 
 from flowrl.algorithms.base import Rollout
 from flowrl.algorithms.decoupled import DecoupledModule
-from flowrl.errors import ConfigError
 from flowrl.losses import nft_loss
 from flowrl.policy import PolicyConfig
-from flowrl.validation import check_range_option
+from flowrl.validation import check_number, check_range_option
 
 
 class NFT(DecoupledModule):
@@ -38,8 +37,7 @@ class NFT(DecoupledModule):
     unused_options = ("clip_range",)  # no probability ratio to clip
 
     def __init__(self, policy: PolicyConfig, nft_beta: float = 1.0, **kwargs):
-        if not nft_beta > 0:
-            raise ConfigError(f"nft_beta={nft_beta} must be > 0 (1.0 is the default, 0.1 trains faster)")
+        check_number("nft_beta", nft_beta, 0, low_open=True, hint=" (1.0 is the default, 0.1 trains faster)")
         check_range_option("adv_clip_range", kwargs.get("adv_clip_range", 5.0), allow_none=False,
                            what=" (nft maps the clamped advantages to [0, 1] with it)")
         super().__init__(policy, **kwargs)
