@@ -1,7 +1,7 @@
 """Which ``Trainer(precision=...)`` a CPU run should use: bf16 autocast only where the CPU computes bf16 natively.
 
-On a CPU with AVX512-BF16 or AMX, bf16 autocast runs the toy model about 1.6x faster than float32; on an
-AVX2-only CPU it is emulated and about 5x slower. So CPU configs leave ``trainer.precision`` unset and
+On a CPU with AVX512-BF16 or AMX, bf16 autocast runs the toy model 1.2-1.6x faster than float32 (measured on
+CPUs of the CI kind); on an AVX2-only CPU it is emulated and 5-6x slower. So CPU configs leave ``trainer.precision`` unset and
 ``flowrl fit`` picks it here at start-up (logged, and written into the run's saved ``config.yaml``);
 set ``--trainer.precision`` to override. Python users call :func:`cpu_precision` for their own Trainer.
 Lightning has no such choice (its CPU default is always ``32-true``), hence this small module.

@@ -3,8 +3,8 @@
 A trainer's options are the parameters of its ``__init__`` and of every ``__init__`` it forwards
 ``**kwargs`` to, minus its ``unused_options`` (options it inherits but has no use for, such as
 ``clip_range`` for NFT: they stay in the signature with a None default, which means "not set").
-Both the Python constructors (``GRPO`` and ``DecoupledModule`` check the ``**kwargs`` they receive) and ``flowrl fit`` (before parsing) call
-:func:`refuse_options_of_other_trainers`, so the message names the trainer that would use the option.
+Both the Python constructors (``GRPO`` and ``DecoupledModule`` check the ``**kwargs`` they receive) and
+``flowrl fit`` (before parsing) call :func:`refuse_options_of_other_trainers`, so the message names the trainer that would use the option.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def refuse_options_of_other_trainers(cls: type, given: Mapping[str, object] | It
 
     values = dict(given) if isinstance(given, Mapping) else {name: ... for name in given}
     own = trainer_options(cls)
-    for name, value in values.items():
-        if name in own or (value is None and name in getattr(cls, "unused_options", ())):
-            continue
-        users = [t for t, other in ALGORITHMS.items() if name in trainer_options(other)]
+    foreign = [n for n, v in values.items() if n not in own and not (v is None and n in getattr(cls, "unused_options", ()))]
+    options = {t: trainer_options(other) for t, other in ALGORITHMS.items()} if foreign else {}
+    for name in foreign:
+        users = [t for t, names in options.items() if name in names]
         if users:
             raise ConfigError(
                 f"model.{name} does nothing for trainer_type {cls.trainer_type!r}; it is an option of trainer_type "
