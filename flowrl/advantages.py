@@ -17,7 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["gather_groups", "group_advantages"]
+__all__ = ["ADVANTAGE_AGGREGATIONS", "gather_groups", "gdpo_advantages", "group_advantages"]
+
+ADVANTAGE_AGGREGATIONS = ("sum", "gdpo")
 
 
 def _check_flat(rewards: Tensor, group_ids: Tensor) -> None:
@@ -61,6 +63,27 @@ def group_advantages(
         sq = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, centered**2)
         std = torch.sqrt(sq / counts)[inverse]
     return (centered / (std + eps)).to(torch.float32)
+
+
+def gdpo_advantages(
+    terms: Tensor, weights: Tensor, group_ids: Tensor, global_std: bool = False, eps: float = 1e-4
+) -> Tensor:
+    """GDPO (group reward-decoupled normalisation) for ``K`` rewards, float32 ``(N,)``.
+
+    Each reward is group-normalised on its own (:func:`group_advantages`), the normalised terms are summed
+    with their ``weights``, and the sum is normalised over the whole batch: ``A = (S - mean(S)) / (std(S) + eps)``
+    (population std). A reward of a large scale then no longer drowns a small but discriminative one, as it
+    does when the weighted *sum* of rewards is normalised (``advantage_aggregation: sum``).
+
+    Args:
+        terms: ``(K, N)`` rewards, one row per reward.
+        weights: ``(K,)`` weights.
+    """
+    if terms.ndim != 2 or weights.shape != (terms.shape[0],):
+        raise ValueError(f"gdpo_advantages needs (K, N) terms and (K,) weights, got {tuple(terms.shape)} and {tuple(weights.shape)}")
+    per_term = torch.stack([group_advantages(t, group_ids, global_std, eps).double() for t in terms])
+    total = (weights.double()[:, None] * per_term).sum(0)
+    return ((total - total.mean()) / (total.std(unbiased=False) + eps)).to(torch.float32)
 
 
 def gather_groups(

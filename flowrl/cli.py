@@ -114,6 +114,10 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
         from flowrl.export import export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["serve-reward"]:  # ``flowrl serve-reward``: host a reward over HTTP (flowrl/rewards/remote.py)
+        from flowrl.rewards.remote import serve_reward_main
+
+        return serve_reward_main(argv[1:])
     trainer_type = trainer_type_from_args(argv)
     # An option of another trainer gets a message naming that trainer (jsonargparse would only say "unknown key").
     refuse_options_of_other_trainers(ALGORITHMS[trainer_type], model_keys_from_args(argv))

@@ -14,4 +14,4 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     $PIP install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu --timeout 30 --retries 1
   fi
 fi
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[test,rewards]"

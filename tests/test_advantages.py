@@ -99,3 +99,23 @@ def test_gather_groups_flattens_a_lightning_style_stack():
 def test_gather_groups_single_process_identity():
     r, g = gather_groups(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), lambda t: t)
     assert torch.equal(r, torch.tensor([1.0, 2.0])) and torch.equal(g, torch.tensor([0, 0]))
+
+
+def test_gdpo_normalises_each_reward_then_the_batch():
+    from flowrl.advantages import gdpo_advantages
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    big = torch.tensor([100.0, 300.0, 200.0, 0.0, 50.0, 100.0])  # a large-scale reward
+    small = torch.tensor([0.0, 0.1, 0.2, 0.2, 0.1, 0.0])  # a small but discriminative one
+    weights = torch.tensor([1.0, 0.5])
+    adv = gdpo_advantages(torch.stack([big, small]), weights, groups)
+    s = group_advantages(big, groups).double() + 0.5 * group_advantages(small, groups).double()
+    expected = ((s - s.mean()) / (s.std(unbiased=False) + 1e-4)).float()
+    torch.testing.assert_close(adv, expected)
+    # each reward counts by its weight, not its scale: rescaling one reward changes nothing (sum normalisation does)
+    torch.testing.assert_close(gdpo_advantages(torch.stack([big * 0.1, small]), weights, groups), adv, atol=1e-4, rtol=0)
+    summed = group_advantages(big + 0.5 * small, groups)
+    assert not torch.allclose(summed, group_advantages(big * 1e-3 + 0.5 * small, groups), atol=1e-2)
+    assert abs(float(adv.mean())) < 1e-6 and abs(float(adv.std(unbiased=False)) - 1) < 1e-3
+    with pytest.raises(ValueError, match=r"\(K, N\)"):
+        gdpo_advantages(big, weights, groups)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,3 +32,38 @@ def test_toy_step_sensitivity_smoke(tmp_path):
     out.write_text(json.dumps(res))
     bench.plot(res, out.with_suffix(".png"))
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_toy_compare_smoke(tmp_path):
+    """Two seeds of one method for a second each: the JSON, the summary over seeds, the table and the PNG."""
+    bench = _load("toy_compare")
+    small = ["--model.group_size=2", "--data.batch_size=4", "--model.train_batch_size=4",
+             "--model.gradient_accumulation_steps=1", "--model.num_inference_steps=3", "--model.num_train_timesteps=1",
+             "--model.eval.num_inference_steps=2", "--trainer.logger=false"]
+    out = tmp_path / "compare.json"
+    argv = ["--methods", "nft", "--seeds", "0", "1", "--minutes", "0.01", "--points", "1",
+            "--max-val-prompts", "5", "--val-samples-per-prompt", "1", "--target", "0.0",
+            "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    argv += [x for o in small for x in ("--override", f"nft:{o}")]
+    res = bench.main_(argv)
+    runs = res["runs"]["nft"]
+    assert sorted(runs) == ["0", "1"] and all(len(r["points"]) == 2 for r in runs.values())
+    assert all(r["points"][-1]["iterations"] >= 1 and r["samples"] >= 4 for r in runs.values())
+    summary = res["summary"]["nft"]
+    assert summary["seeds"] == [0, 1] and summary["reached_target"] == 2 and summary["seconds_to_target"] == [0.0, 0.0]
+    final = summary["final"]["overall"]
+    assert final["min"] <= final["mean"] <= final["max"]
+    saved = json.loads(out.read_text())
+    assert json.dumps(saved["summary"]["nft"], sort_keys=True) == json.dumps(summary, sort_keys=True)  # (NaN != NaN)
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = bench.table(saved).splitlines()
+    assert rows[0].startswith("| method |") and rows[2].startswith("| nft | ") and len(rows) == 3
+
+
+def test_toy_compare_time_to_target_interpolates():
+    bench = _load("toy_compare")
+    key = bench.ACCURACY_KEY
+    points = [{"train_seconds": 0.0, key: 0.3}, {"train_seconds": 60.0, key: 0.35}, {"train_seconds": 120.0, key: 0.45}]
+    assert bench.time_to(points, 0.40) == pytest.approx(90.0)
+    assert bench.time_to(points, 0.30) == 0.0
+    assert bench.time_to(points, 0.50) is None

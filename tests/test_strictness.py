@@ -115,7 +115,8 @@ OUT_OF_RANGE = {
 }
 #: options without a numeric range (choices, booleans, objects, any integer seed)
 NOT_NUMERIC = {"policy", "rewards", "dynamics_type", "global_std", "same_initial_noise", "optimizer",
-               "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting"}
+               "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
+               "advantage_aggregation", "on_reward_error", "async_rewards"}
 MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or depends on the schedule
     ("noise_level", {"noise_level": 1.5}),  # Flow-SDE: above sqrt(2)
     ("noise_level", {"noise_level": -0.1}),

@@ -11,19 +11,22 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from callbacks import ReferenceModel, enter_sampling_contexts
-from flowrl.advantages import group_advantages
+from flowrl.advantages import ADVANTAGE_AGGREGATIONS, gdpo_advantages, group_advantages
 from flowrl.dynamics import ODE, build_dynamics
 from flowrl.dynamics.selection import StepSelector
 from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
-from flowrl.rewards import RewardSpec, WeightedReward
+from flowrl.rewards import RewardError, RewardSpec, WeightedReward
+from flowrl.rewards.scoring import AsyncScorer
 from flowrl.validation import check_number, check_range_option
 
 #: upper bound of noise_level per stochastic dynamics: (bound, exclusive, why). Flow-SDE and Dance-SDE at the
@@ -46,10 +49,6 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     if len(resolution) != 2:
         raise ConfigError(f"resolution must be an int or [height, width], got {resolution!r}")
     return int(resolution[0]), int(resolution[1])
-
-
-def _stack_steps(per_step: list[torch.Tensor]) -> torch.Tensor | None:
-    return torch.stack(per_step, 1) if per_step else None
 
 
 @dataclass
@@ -81,6 +80,12 @@ class Rollout:
     extras: dict = field(default_factory=dict)
 
 
+#: what a failing reward (raises, non-finite or wrong-length scores) does: ``stop`` raises before any update of
+#: the iteration; ``skip_group`` drops the groups it affects from the iteration (logged), a failure of the whole
+#: batch skips the iteration.
+ON_REWARD_ERROR = ("stop", "skip_group")
+
+
 class FlowRLModule(L.LightningModule):
     """Base class; use a concrete algorithm (``GRPO``, ...)."""
 
@@ -97,7 +102,7 @@ class FlowRLModule(L.LightningModule):
     def __init__(
         self,
         policy: PolicyConfig,
-        rewards: list[RewardSpec] | None = None,
+        rewards: list[RewardSpec | dict[str, Any]] | None = None,
         group_size: int = 8,
         resolution: int | list[int] = 512,
         num_inference_steps: int = 10,
@@ -117,6 +122,9 @@ class FlowRLModule(L.LightningModule):
         clip_range: float | list[float] | None = None,
         adv_clip_range: float | list[float] | None = 5.0,
         global_std: bool = False,
+        advantage_aggregation: str = "sum",
+        on_reward_error: str = "stop",
+        async_rewards: bool = False,
         same_initial_noise: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -134,6 +142,12 @@ class FlowRLModule(L.LightningModule):
         self.gradient_accumulation_steps, self.max_grad_norm = gradient_accumulation_steps, max_grad_norm
         self.clip_range, self.adv_clip_range, self.global_std = clip_range, adv_clip_range, global_std
         self.same_initial_noise = same_initial_noise
+        self.advantage_aggregation, self.on_reward_error = advantage_aggregation, on_reward_error
+        self.async_rewards = async_rewards
+        for option, value, choices in (("advantage_aggregation", advantage_aggregation, ADVANTAGE_AGGREGATIONS),
+                                       ("on_reward_error", on_reward_error, ON_REWARD_ERROR)):
+            if value not in choices:
+                raise ConfigError(f"model.{option} must be one of {', '.join(choices)}; got {value!r}")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
         self._validate_numbers(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size, resolution,
@@ -146,9 +160,15 @@ class FlowRLModule(L.LightningModule):
         self.step_selector = StepSelector(num_inference_steps, train_steps, num_train_steps, seed, window_size,
                                           window_shift_interval, 1 if window_stride is None else window_stride)
         self.ode = ODE()
-        self.reward_fn = rewards if callable(rewards) else WeightedReward.from_specs(
-            rewards or [RewardSpec("jpeg_compressibility")]
+        # One WeightedReward in every case (a plain callable is its one term): its checks guard every reward.
+        self.reward_fn = rewards if isinstance(rewards, WeightedReward) else WeightedReward.from_specs(
+            [rewards] if callable(rewards) else rewards or [RewardSpec("jpeg_compressibility")]
         )
+        if async_rewards:
+            groupwise = [k for k, r in self.reward_fn.rewards.items() if getattr(r, "groupwise", False)]
+            if groupwise:
+                raise ConfigError(f"async_rewards scores each micro-batch as it is sampled; the groupwise reward(s) "
+                                  f"{groupwise} need whole groups: set async_rewards: false")
         if isinstance(policy, dict):
             policy = PolicyConfig(**policy)
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
@@ -311,12 +331,14 @@ class FlowRLModule(L.LightningModule):
         train_steps: Sequence[int] = (),
         store: str = "final",
         latents: torch.Tensor | None = None,
+        on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
     ) -> Rollout:
         """Sample ``prompts``; steps in ``train_steps`` use the SDE dynamics, the rest the ODE.
 
         ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps.
         Forward passes go in chunks of ``train_batch_size`` so that training recomputes every
-        log-prob in exactly the same batches (on-policy ratios are then exactly 1).
+        log-prob in exactly the same batches (on-policy ratios are then exactly 1). ``on_chunk(slice, images)``
+        is called as each chunk's images are decoded.
         """
         policy = self.policy
         n = len(prompts)
@@ -326,28 +348,36 @@ class FlowRLModule(L.LightningModule):
         noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
         trained = sorted(train_steps)
         keep = store == "trajectory" and trained
-        lat, nxt, lps, means = [], [], [], []
-        for i in range(num_inference_steps):
-            dyn = self.dynamics if i in trained else self.ode
-            s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-            outs = []
-            for sl in self._chunks(n):
-                chunk_cond = cond.select(sl)
-                v = policy.velocity(x[sl], s, chunk_cond, guidance_scale)
-                outs.append(dyn.step(x[sl], v, s, s_next, noise=noise[i, sl]))
-            x_next = torch.cat([o.prev_sample for o in outs])
-            if keep and i in trained:
-                lat.append(x)
-                nxt.append(x_next)
-                lps.append(torch.cat([o.log_prob for o in outs]))
-                if self.stores_means:
-                    means.append(torch.cat([o.mean for o in outs]))
-            x = x_next
-        images = torch.cat([policy.decode(x[sl]) for sl in self._chunks(n)])
-        return Rollout(list(prompts), cond, sigmas, trained, _stack_steps(lat), _stack_steps(nxt), _stack_steps(lps),
-                       _stack_steps(means), x, images)
+        lat, nxt, lps, means, finals, images = [], [], [], [], [], []
+        # Micro-batch by micro-batch (the same batches, noise and arithmetic as step by step over all of them), so
+        # that a finished micro-batch can be scored (``on_chunk``) while the next one samples.
+        for sl in self._chunks(n):
+            chunk_cond, xc = cond.select(sl), x[sl]
+            c_lat, c_nxt, c_lps, c_means = [], [], [], []
+            for i in range(num_inference_steps):
+                dyn = self.dynamics if i in trained else self.ode
+                v = policy.velocity(xc, sigmas[i].item(), chunk_cond, guidance_scale)
+                out = dyn.step(xc, v, sigmas[i].item(), sigmas[i + 1].item(), noise=noise[i, sl])
+                if keep and i in trained:
+                    c_lat.append(xc)
+                    c_nxt.append(out.prev_sample)
+                    c_lps.append(out.log_prob)
+                    if self.stores_means:
+                        c_means.append(out.mean)
+                xc = out.prev_sample
+            finals.append(xc)
+            images.append(policy.decode(xc))
+            if on_chunk is not None:
+                on_chunk(sl, images[-1])
+            for acc, part in ((lat, c_lat), (nxt, c_nxt), (lps, c_lps), (means, c_means)):
+                if part:
+                    acc.append(torch.stack(part, 1))
+        cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
+        return Rollout(list(prompts), cond, sigmas, trained, cat(lat), cat(nxt), cat(lps), cat(means),
+                       torch.cat(finals), torch.cat(images))
 
-    def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None) -> Rollout:
+    def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
+                on_chunk: Callable[[slice, torch.Tensor], None] | None = None) -> Rollout:
         """Samples of ``prompts`` for training. With ``same_initial_noise``, the members of a group (same
         ``group_ids`` entry) start from the same noise (DanceGRPO's shared noise): the rewards within a
         group then differ only through the stochastic (trained) steps, so the group advantage credits
@@ -363,20 +393,34 @@ class FlowRLModule(L.LightningModule):
         try:
             with enter_sampling_contexts(self._trainer, self):
                 return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                                   gen, steps, "trajectory" if self.stores_trajectory else "final", latents)
+                                   gen, steps, "trajectory" if self.stores_trajectory else "final", latents,
+                                   on_chunk)
         finally:
             self.policy.train(was_training)
 
     # ------------------------------------------------------------------ rewards / advantages
-    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        """Group-normalised advantages; with several processes the groups are gathered first."""
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor,
+                           keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Group-normalised advantages of the weighted reward (``advantage_aggregation: sum``) or of each
+        reward term (``gdpo``); with several processes the groups are gathered first. Samples outside ``keep``
+        (dropped groups) get advantage 0 and take no part in the statistics."""
+        if self.advantage_aggregation == "gdpo":
+            names = list(self.reward_fn.last_terms)
+            terms = torch.stack([self.reward_fn.last_terms[k] for k in names]).float()
+            weights = torch.tensor([self.reward_fn.weights[k] for k in names], dtype=torch.float32)
+        else:
+            terms, weights = rewards.float()[None], torch.ones(1)
+        n = rewards.shape[0]
         if self._trainer is not None and self.trainer.world_size > 1:
-            all_r = self.all_gather(rewards.to(self.device)).flatten().cpu()
-            all_g = self.all_gather(group_ids.to(self.device)).flatten().cpu()
-            adv = group_advantages(all_r, all_g, global_std=self.global_std)
-            n = rewards.shape[0]
-            return adv[self.global_rank * n:(self.global_rank + 1) * n]
-        return group_advantages(rewards.float(), group_ids, global_std=self.global_std)
+            terms = torch.stack([self.all_gather(t.to(self.device)).flatten().cpu() for t in terms])
+            group_ids = self.all_gather(group_ids.to(self.device)).flatten().cpu()
+        mask = torch.ones(terms.shape[1], dtype=torch.bool) if keep is None else keep
+        adv = torch.zeros(terms.shape[1])
+        if self.advantage_aggregation == "gdpo":
+            adv[mask] = gdpo_advantages(terms[:, mask], weights, group_ids[mask], global_std=self.global_std)
+        else:
+            adv[mask] = group_advantages(terms[0, mask], group_ids[mask], global_std=self.global_std)
+        return adv[self.global_rank * n:(self.global_rank + 1) * n] if adv.shape[0] != n else adv
 
     # ------------------------------------------------------------------ training
     def training_units(self, rollout: Rollout) -> list:
@@ -389,10 +433,19 @@ class FlowRLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         prompts, group_ids = batch["prompt"], batch["group_id"]
-        rollout = self.rollout(prompts, group_ids)
-        rewards = self.reward_fn(rollout.images, prompts)
-        advantages = self.compute_advantages(rewards, group_ids.cpu()).to(self.device)
-        self._log_rewards(rewards)
+        if self.async_rewards:
+            with AsyncScorer(self.reward_fn, prompts) as scorer:
+                rollout = self.rollout(prompts, group_ids, on_chunk=scorer.submit)
+                scored = scorer.result()
+        else:
+            rollout = self.rollout(prompts, group_ids)
+            scored = None
+        rewards, keep = self._score_rollout(rollout.images, prompts, group_ids.cpu(), scored)
+        if keep is not None and not keep.any():
+            self.iteration += 1  # nothing left to train on: no update this iteration
+            return
+        advantages = self.compute_advantages(rewards, group_ids.cpu(), keep).to(self.device)
+        self._log_rewards(rewards if keep is None else rewards[keep])
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         n, micro = len(prompts), 0
@@ -404,7 +457,9 @@ class FlowRLModule(L.LightningModule):
             gen = self._generator(self.iteration, epoch, 104729)
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
             for sl in self._chunks(n):
-                idx = order[sl]
+                idx = order[sl] if keep is None else order[sl][keep[order[sl]]]
+                if not len(idx):
+                    continue
                 for unit in units:
                     out = self.training_loss(rollout, advantages, idx, unit)
                     loss = out["loss"]
@@ -448,12 +503,35 @@ class FlowRLModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
 
+    def _score_rollout(self, images, prompts, group_ids, scored=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rewards and the samples to train on (``None``: all). ``on_reward_error: stop`` raises on any failure
+        (before any update); ``skip_group`` drops every group with a failed sample and logs how many, and with
+        several processes skips the whole iteration on every rank (their updates must stay in step).
+        ``scored``: the ``(total, valid, errors)`` already computed (asynchronous scoring)."""
+        total, valid, errors = scored if scored is not None else self.reward_fn.score(images, prompts, group_ids)
+        if self.on_reward_error == "stop":
+            if errors:
+                raise RewardError(self.reward_fn.stop_message(errors))
+            return total, None
+        keep = ~torch.isin(group_ids, group_ids[~valid])  # samples whose whole group scored
+        if self._trainer is not None and self.trainer.world_size > 1:
+            any_failed = self.all_gather(torch.tensor(float(not valid.all()), device=self.device)).max()
+            keep = torch.zeros_like(keep) if any_failed > 0 else keep
+        skipped = int(torch.unique(group_ids[~keep]).numel())
+        self.log("train/reward_skipped_groups", float(skipped), batch_size=len(prompts))
+        if errors:
+            rank_zero_warn(f"iteration {self.iteration}: dropped {skipped} group(s) after a reward failure: "
+                           + "; ".join(errors))
+        if not valid.all():
+            total = torch.where(valid, total, torch.zeros_like(total))
+        return total, (None if keep.all() else keep)
+
     def _log_rewards(self, rewards: torch.Tensor) -> None:
         self.log("train/reward_mean", rewards.mean(), prog_bar=True, batch_size=len(rewards))
         self.log("train/reward_std", rewards.std(unbiased=False), batch_size=len(rewards))
         for name, terms in getattr(self.reward_fn, "last_terms", {}).items():
             if len(self.reward_fn.last_terms) > 1:
-                self.log(f"train/reward_{name}", terms.mean(), batch_size=len(rewards))
+                self.log(f"train/reward_{name}", terms.nanmean(), batch_size=len(rewards))  # (dropped: NaN)
 
     def _log_train(self, logs: dict[str, list[torch.Tensor]]) -> None:
         for key, values in logs.items():

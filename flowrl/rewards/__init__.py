@@ -2,6 +2,7 @@
 
 from flowrl.rewards.base import (
     Reward,
+    RewardError,
     RewardSpec,
     WeightedReward,
     available_rewards,
@@ -12,6 +13,7 @@ from flowrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 
 __all__ = [
     "Reward",
+    "RewardError",
     "RewardSpec",
     "WeightedReward",
     "available_rewards",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -54,17 +55,80 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 
 def _import_builtins() -> None:
     # Built-in rewards register themselves on import.
-    from flowrl.rewards import jpeg  # noqa: F401
+    from flowrl.rewards import clip, jpeg, ocr, remote, video  # noqa: F401
     from flowrl.toy import verifier  # noqa: F401
 
 
 @dataclass
 class RewardSpec:
-    """One term of the reward: a registered reward ``name``, its ``weight`` and its constructor ``args``."""
+    """One term of the reward and its ``weight``: a registered reward ``name`` with constructor ``args``
+    (``{name: shapes}``), or any class by its import path, the Lightning way
+    (``{class_path: mypkg.MyReward, init_args: {...}, weight: 0.5}``). ``label`` names the term in logs
+    (default: the name, or the class's name)."""
 
-    name: str
+    name: str | None = None
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    # Not the field names class_path / init_args: jsonargparse reserves those keys for its own subclass specs,
+    # so the class form reaches us as a plain dict (see from_mapping).
+    reward_class: str | None = None
+
+    @classmethod
+    def from_mapping(cls, entry: Mapping[str, Any]) -> RewardSpec:
+        entry = dict(entry)
+        if "class_path" in entry:
+            if "args" in entry:
+                raise ConfigError(f"reward {entry['class_path']}: constructor arguments of a class_path go in init_args, not args")
+            if "name" in entry:
+                raise ConfigError(f"reward {entry['class_path']}: give either name (a registered reward) or class_path, not both")
+            entry["reward_class"], entry["args"] = entry.pop("class_path"), dict(entry.pop("init_args", None) or {})
+        elif "init_args" in entry:
+            raise ConfigError(f"reward {entry.get('name')!r}: init_args belongs to a class_path entry; a registered reward takes args")
+        unknown = set(entry) - {"name", "weight", "args", "label", "reward_class"}
+        if unknown:
+            raise ConfigError(f"reward entry {dict(entry)}: unknown keys {sorted(unknown)}; an entry has name + args, or "
+                              "class_path + init_args, and optionally weight and label")
+        return cls(**entry)
+
+    def check(self) -> None:
+        if (self.name is None) == (self.reward_class is None):
+            raise ConfigError(
+                f"a reward entry needs exactly one of name (a registered reward: {available_rewards()}) "
+                f"or class_path (your own, e.g. mypkg.MyReward); got name={self.name!r}, class_path={self.reward_class!r}"
+            )
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name or self.reward_class.rpartition(".")[2]
+
+    def build(self) -> Reward:
+        self.check()
+        if self.name is not None:
+            return build_reward(self.name, **self.args)
+        cls = import_class_path(self.reward_class)
+        try:
+            reward = cls(**self.args)
+        except TypeError as err:
+            raise ConfigError(f"reward {self.reward_class}(**{self.args}): {err}") from err
+        if not callable(reward):
+            raise ConfigError(f"reward {self.reward_class} is not callable as reward(images, prompts) -> scores")
+        return reward
+
+
+def import_class_path(path: str):
+    """``pkg.module.Name`` -> the object; a clear error naming what is missing (jsonargparse's own importer
+    is private API, hence this one)."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"class_path {path!r} needs a module: write it as package.module.ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"class_path {path!r}: cannot import {module_name!r} ({err}); is it installed or on PYTHONPATH?") from err
+    if not hasattr(module, attr):
+        raise ConfigError(f"class_path {path!r}: module {module_name!r} has no {attr!r}")
+    return getattr(module, attr)
 
 
 class WeightedReward:
@@ -83,28 +147,90 @@ class WeightedReward:
         self.last_terms: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_specs(cls, specs: Sequence[RewardSpec | Mapping[str, Any]]) -> WeightedReward:
+    def from_specs(cls, specs: Sequence[RewardSpec | Mapping[str, Any] | Callable]) -> WeightedReward:
+        """Entries are RewardSpecs, their dict form, or reward callables (weight 1, named by their class)."""
         rewards, weights = {}, {}
         for spec in specs:
-            spec = spec if isinstance(spec, RewardSpec) else RewardSpec(**spec)
-            if spec.name in rewards:
-                raise ConfigError(f"reward {spec.name!r} is listed twice; merge the entries into one weight")
-            rewards[spec.name] = build_reward(spec.name, **spec.args)
-            weights[spec.name] = spec.weight
+            if callable(spec) and not isinstance(spec, Mapping):
+                key, reward, weight = getattr(spec, "__name__", type(spec).__name__), spec, 1.0
+            else:
+                spec = spec if isinstance(spec, RewardSpec) else RewardSpec.from_mapping(spec)
+                spec.check()
+                key, reward, weight = spec.key, None, spec.weight
+            if key in rewards:
+                raise ConfigError(f"reward {key!r} is listed twice; merge the entries into one weight or give one a label")
+            rewards[key] = reward if reward is not None else spec.build()
+            weights[key] = weight
         return cls(rewards, weights)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        total = torch.zeros(len(prompts), dtype=torch.float32)
-        self.last_terms = {}
-        for name, reward in self.rewards.items():
-            scores = torch.as_tensor(reward(images, prompts)).detach().to("cpu", torch.float32)
-            if scores.shape != (len(prompts),):
-                raise ValueError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({len(prompts)},)")
-            if not torch.isfinite(scores).all():
-                raise FloatingPointError(
-                    f"reward {name!r} returned non-finite scores {scores.tolist()}; fix the reward "
-                    "(training stops here so that no update is made from a broken reward)"
-                )
-            self.last_terms[name] = scores
-            total += self.weights[name] * scores
+    def _term(self, name: str, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
+        reward = self.rewards[name]
+        try:
+            if getattr(reward, "groupwise", False):  # one call per group (a prompt's samples), in batch order
+                scores = torch.empty(len(prompts))
+                for members in _groups(prompts, group_ids):
+                    scores[members] = torch.as_tensor(
+                        reward(images[members], [prompts[i] for i in members.tolist()])).float().cpu()
+            else:
+                scores = torch.as_tensor(reward(images, prompts)).detach().to("cpu", torch.float32)
+        except Exception as err:
+            raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
+        if scores.shape != (len(prompts),):
+            raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({len(prompts)},)")
+        return scores
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
+        """The weighted sum; raises :class:`RewardError` if a term fails or returns non-finite scores."""
+        total, valid, errors = self.score(images, prompts, group_ids)
+        if errors:
+            raise RewardError(self.stop_message(errors))
         return total
+
+    @staticmethod
+    def stop_message(errors: Sequence[str]) -> str:
+        return "; ".join(errors) + (" (training stops here so that no update is made from a broken reward; fix the "
+                                    "reward, or set model.on_reward_error=skip_group to drop the groups)")
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str],
+              group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``(total, valid, errors)``: the weighted sum, a ``(B,)`` mask of the samples every term scored with a
+        finite number, and what went wrong. A term that raises or returns the wrong shape invalidates the batch.
+        A groupwise term (``groupwise = True``) is called once per group: ``group_ids``, or equal prompts."""
+        total, valid, errors, self.last_terms = self.score_terms(images, prompts, group_ids)
+        return total, valid, errors
+
+    def score_terms(self, images: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor | None = None):
+        """:meth:`score` and the per-term scores, without touching ``last_terms`` (safe from a scoring thread)."""
+        n = len(prompts)
+        total = torch.zeros(n, dtype=torch.float32)
+        valid = torch.ones(n, dtype=torch.bool)
+        errors: list[str] = []
+        terms: dict[str, torch.Tensor] = {}
+        for name in self.rewards:
+            try:
+                scores = self._term(name, images, prompts, group_ids)
+            except RewardError as err:
+                errors.append(str(err))
+                valid[:] = False
+                scores = torch.full((n,), float("nan"))
+            else:
+                finite = torch.isfinite(scores)
+                if not finite.all():
+                    errors.append(f"reward {name!r} returned non-finite scores {scores.tolist()} "
+                                  f"(samples {(~finite).nonzero().flatten().tolist()})")
+                    valid &= finite
+            terms[name] = scores
+            total += self.weights[name] * scores
+        return total, valid, errors, terms
+
+
+def _groups(prompts: Sequence[str], group_ids: torch.Tensor | None) -> list[torch.Tensor]:
+    keys = group_ids.tolist() if group_ids is not None else list(prompts)
+    members: dict = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    return [torch.tensor(m) for m in members.values()]
+
+
+class RewardError(FloatingPointError, ValueError):
+    """A reward term raised, returned the wrong number of scores, or returned NaN/inf."""

@@ -1,0 +1,46 @@
+"""Asynchronous scoring: each sampled micro-batch is scored in a background thread while the next one samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from flowrl.rewards.base import WeightedReward
+
+__all__ = ["AsyncScorer"]
+
+
+class AsyncScorer:
+    """A context manager: ``submit(slice, images)`` queues one micro-batch, ``result()`` waits for all and returns
+    ``(total, valid, errors)`` as :meth:`WeightedReward.score` would for the whole batch (and sets ``last_terms``).
+
+    One worker thread scores the micro-batches in order. Leaving the context (normally, on an exception or on
+    Ctrl-C) cancels what has not started and waits for the running one, so no thread outlives the iteration.
+    Pointwise rewards only: a groupwise reward needs whole groups (the module refuses the combination).
+    """
+
+    def __init__(self, reward_fn: WeightedReward, prompts: Sequence[str]):
+        self.reward_fn, self.prompts = reward_fn, list(prompts)
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+
+    def __enter__(self) -> AsyncScorer:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-reward")
+        return self
+
+    def submit(self, sl: slice, images: torch.Tensor) -> None:
+        self._futures.append(self._pool.submit(self.reward_fn.score_terms, images.detach(), self.prompts[sl]))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        parts = [f.result() for f in self._futures]
+        total = torch.cat([p[0] for p in parts])
+        valid = torch.cat([p[1] for p in parts])
+        errors = [e for p in parts for e in p[2]]
+        self.reward_fn.last_terms = {k: torch.cat([p[3][k] for p in parts]) for k in parts[0][3]}
+        return total, valid, errors
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None

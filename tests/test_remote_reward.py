@@ -1,0 +1,119 @@
+"""``flowrl serve-reward`` and :class:`RemoteReward` against a real server process on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from tiny import make_module
+
+from flowrl.algorithms import GRPO
+from flowrl.data import PromptDataModule
+from flowrl.errors import ConfigError
+from flowrl.rewards import JpegCompressibility, RewardError
+from flowrl.rewards.remote import RemoteReward, decode_png, encode_png, server_healthy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAILING = '''
+import torch
+
+class FailsOnBoom:
+    def __call__(self, images, prompts):
+        if "boom" in prompts:
+            raise RuntimeError("cannot score boom")
+        return torch.ones(len(prompts))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args, env=None):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flowrl.cli", "serve-reward", *args, "--port", str(port)],
+                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while not server_healthy(url, timeout=1.0):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    return proc, url
+
+
+@pytest.fixture()
+def jpeg_server():
+    proc, url = start_server("--reward", "jpeg_compressibility")
+    yield proc, url
+    proc.kill()
+    proc.wait()
+
+
+def eight_bit(*shape, seed=0):
+    """Images that PNG carries exactly (multiples of 1/255)."""
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed)).float() / 255
+
+
+def test_png_round_trip_is_exact_for_8_bit_images():
+    image = eight_bit(3, 9, 7)
+    torch.testing.assert_close(decode_png(encode_png(image)), image, atol=0, rtol=0)
+
+
+def test_remote_scores_equal_local_scores_in_batches(jpeg_server):
+    _, url = jpeg_server
+    images, prompts = eight_bit(5, 3, 16, 16), ["a", "b", "c", "d", "e"]
+    local = JpegCompressibility()(images, prompts)
+    torch.testing.assert_close(RemoteReward(url)(images, prompts), local, atol=0, rtol=0)
+    torch.testing.assert_close(RemoteReward(url, batch_size=2)(images, prompts), local, atol=0, rtol=0)
+    videos = eight_bit(2, 3, 3, 16, 16, seed=1)  # (B, T, C, H, W): sent as "video" frames
+    torch.testing.assert_close(RemoteReward(url)(videos, ["a", "b"]), JpegCompressibility()(videos, ["a", "b"]),
+                               atol=0, rtol=0)
+
+
+def test_no_server_fails_when_built_and_names_the_command():
+    with pytest.raises(ConfigError, match="flowrl serve-reward"):
+        RemoteReward(f"http://127.0.0.1:{free_port()}")
+
+
+def test_reward_error_on_the_server_reaches_the_client_and_the_server_stays_up(tmp_path):
+    (tmp_path / "failing_reward_pkg.py").write_text(FAILING)
+    proc, url = start_server("--class-path", "failing_reward_pkg.FailsOnBoom", env={"PYTHONPATH": str(tmp_path)})
+    try:
+        client = RemoteReward(url, retries=2, backoff=0.01)
+        images = eight_bit(2, 3, 8, 8)
+        with pytest.raises(RuntimeError, match="cannot score boom"):
+            client(images, ["ok", "boom"])
+        assert client.healthy() and client(images, ["ok", "fine"]).tolist() == [1.0, 1.0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_server_killed_mid_run_stops_training_before_an_update(jpeg_server, tiny_sd3_path, prompt_file):
+    proc, url = jpeg_server
+    module = make_module(GRPO, tiny_sd3_path, rewards=[
+        {"name": "remote", "args": {"url": url, "retries": 2, "backoff": 0.01, "timeout": 10}}])
+
+    def fit():
+        trainer = L.Trainer(max_steps=1, max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+        trainer.fit(module, datamodule=PromptDataModule(prompt_file, group_size=2, batch_size=4))
+        return trainer
+
+    assert fit().global_step > 0  # the server scores the first iteration
+    proc.kill()
+    proc.wait()
+    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
+    with pytest.raises(RewardError, match="did not answer after 2 attempts"):
+        fit()
+    assert all(torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+
