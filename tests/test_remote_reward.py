@@ -117,3 +117,10 @@ def test_server_killed_mid_run_stops_training_before_an_update(jpeg_server, tiny
         fit()
     assert all(torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
 
+
+
+def test_serve_reward_with_an_unknown_reward_is_one_error_line():
+    out = subprocess.run([sys.executable, "-m", "flowrl.cli", "serve-reward", "--reward", "no_such_reward"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "error: unknown reward 'no_such_reward'" in out.stderr
+    assert "Traceback" not in out.stderr
