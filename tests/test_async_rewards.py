@@ -4,13 +4,11 @@ as scoring after sampling, and no scoring thread outlives an iteration, an excep
 import threading
 import time
 
-import lightning as L
 import pytest
 import torch
-from tiny import make_module
+from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
-from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.rewards import RewardError, RewardSpec, WeightedReward
 from flowrl.rewards.scoring import AsyncScorer
@@ -21,10 +19,7 @@ def reward_threads():
 
 
 def fit_one(module, prompt_file):
-    trainer = L.Trainer(max_steps=1, max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=PromptDataModule(prompt_file, group_size=2, batch_size=4))
-    return trainer
+    return fit_one_iteration(module, prompt_file, max_epochs=1, limit_train_batches=1)
 
 
 def test_async_scoring_gives_the_same_rewards_and_update(tiny_sd3_path, prompt_file):

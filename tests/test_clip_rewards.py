@@ -42,7 +42,7 @@ def authors_scores(path, imgs, prompts):
     """PickScore's published inference code, on the same model: normalised embeddings, logit_scale * cos."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from flowrl.rewards.clip import to_pil
+    from flowrl.rewards.base import to_pil
 
     model, processor = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
     with torch.no_grad():

@@ -3,7 +3,6 @@ and schnell (no guidance). flowrl's sampling must be the stock pipeline's, bit f
 
 import os
 
-import lightning as L
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -11,12 +10,12 @@ from tiny import (
     assert_on_policy_ratios_are_one,
     assert_same_gradients,
     checkpointing_gradients,
+    fit_one_iteration,
     make_module,
     randomize_lora,
 )
 
 from flowrl.algorithms import AWM, GRPO, NFT
-from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.flux import FluxAdapter
@@ -47,14 +46,6 @@ def flux_path(tiny_pipeline_path, tmp_path_factory):
 
 def make_flux(cls, path, variant="dev", **kw):
     return make_module(cls, path, **{"guidance_scale": GUIDANCE[variant], **kw})
-
-
-def fit_one_iteration(module, prompt_file):
-    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 # ---------------------------------------------------------------- (a) loading

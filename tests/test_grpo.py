@@ -1,7 +1,7 @@
 import lightning as L
 import pytest
 import torch
-from tiny import assert_on_policy_ratios_are_one, make_module
+from tiny import assert_on_policy_ratios_are_one, fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.data import PromptDataModule
@@ -96,14 +96,6 @@ def test_non_finite_reward_stops_before_an_update(tiny_sd3_path, prompt_file):
     assert all(torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
 
 
-def _fit_one_iteration(module, prompt_file, **trainer_kw):
-    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, use_distributed_sampler=False, **trainer_kw)
-    trainer.fit(module, datamodule=dm)
-    return trainer
-
-
 def test_bf16_mixed_keeps_float32_math_and_exact_on_policy_ratio(tiny_sd3_path, prompt_file):
     # One micro-batch per iteration: every logged ratio is from the on-policy first update.
     module = make_grpo(tiny_sd3_path, train_batch_size=4)
@@ -116,7 +108,7 @@ def test_bf16_mixed_keeps_float32_math_and_exact_on_policy_ratio(tiny_sd3_path, 
         return out
 
     module.dynamics.step = spy
-    trainer = _fit_one_iteration(module, prompt_file, precision="bf16-mixed")
+    trainer = fit_one_iteration(module, prompt_file, precision="bf16-mixed")
     assert seen["dtype"] == torch.float32
     assert trainer.logged_metrics["train/ratio_min"] == 1.0 and trainer.logged_metrics["train/ratio_max"] == 1.0
 
@@ -130,7 +122,7 @@ def test_bitsandbytes_8bit_adamw(tiny_sd3_path, prompt_file):
         optimizer=lambda params: bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=16),
     )
     before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
-    trainer = _fit_one_iteration(module, prompt_file)
+    trainer = fit_one_iteration(module, prompt_file)
     optimizer = trainer.optimizers[0]
     states = [s for s in optimizer.state.values() if "state1" in s]
     assert any(s["state1"].dtype == torch.uint8 for s in states)  # the 8-bit path really ran
@@ -164,19 +156,19 @@ def test_grad_norm_is_logged_before_clipping_with_the_clip_flag(tiny_sd3_path, p
         seen["after"] = float(torch.linalg.vector_norm(torch.cat(grads)))
 
     module.clip_gradients = spy
-    metrics = _fit_one_iteration(module, prompt_file).logged_metrics
+    metrics = fit_one_iteration(module, prompt_file).logged_metrics
     assert seen["after"] <= 1e-11 < seen["before"]
     torch.testing.assert_close(float(metrics["train/grad_norm"]), seen["before"], rtol=1e-5, atol=0)
     assert float(metrics["train/grad_clipped"]) == 1.0
     module = make_grpo(tiny_sd3_path, train_batch_size=4, max_grad_norm=1e6)
-    assert float(_fit_one_iteration(module, prompt_file).logged_metrics["train/grad_clipped"]) == 0.0
+    assert float(fit_one_iteration(module, prompt_file).logged_metrics["train/grad_clipped"]) == 0.0
 
 
 def test_first_update_ratio_deviation_is_logged_and_zero_on_policy(tiny_sd3_path, prompt_file):
     # two micro-batches, two inner epochs: later updates move the ratio, the first one does not
     module = make_grpo(tiny_sd3_path, num_inner_epochs=2, gradient_accumulation_steps=2,
                        optimizer=lambda p: torch.optim.SGD(p, lr=10.0))
-    metrics = _fit_one_iteration(module, prompt_file).logged_metrics
+    metrics = fit_one_iteration(module, prompt_file).logged_metrics
     assert float(metrics["train/ratio_first_update_max_abs_dev"]) == 0.0
     assert float(metrics["train/ratio_max"]) > 1.0 or float(metrics["train/ratio_min"]) < 1.0
 
@@ -190,7 +182,7 @@ def test_lora_base_weights_in_frozen_dtype_keep_exact_on_policy_ratios(tiny_sd3_
         dtypes = {(p.requires_grad, p.dtype) for p in module.policy.transformer.parameters()}
         assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
         assert all(p.dtype == torch.bfloat16 for p in module.policy.frozen.parameters())
-        metrics = _fit_one_iteration(module, prompt_file, precision=precision).logged_metrics
+        metrics = fit_one_iteration(module, prompt_file, precision=precision).logged_metrics
         assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0, precision
         assert float(metrics["train/ratio_first_update_max_abs_dev"]) == 0.0
         trained = dict(module.policy.named_trainable_parameters())

@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from test_export import assert_export_round_trip
-from test_grpo import _fit_one_iteration
 from tiny import (
     assert_on_policy_ratios_are_one,
     assert_same_gradients,
     checkpointing_gradients,
+    fit_one_iteration,
     make_module,
     randomize_lora,
 )
@@ -147,7 +147,7 @@ def test_one_lora_optimizer_step(qwen_path, prompt_file, cls, kw):
     module = make_qwen(cls, qwen_path, **kw)
     before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
     assert before and all("lora" in n for n in before)
-    trainer = _fit_one_iteration(module, prompt_file)
+    trainer = fit_one_iteration(module, prompt_file)
     assert trainer.global_step >= 1 and torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
 
@@ -158,7 +158,7 @@ def test_full_finetuning_step(qwen_path, prompt_file):
     params = dict(module.policy.named_trainable_parameters())
     assert sum(p.numel() for p in params.values()) == sum(p.numel() for p in module.policy.transformer.parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    _fit_one_iteration(module, prompt_file)
+    fit_one_iteration(module, prompt_file)
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
 
 

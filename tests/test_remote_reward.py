@@ -6,13 +6,11 @@ import subprocess
 import sys
 import time
 
-import lightning as L
 import pytest
 import torch
-from tiny import make_module
+from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
-from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.rewards import JpegCompressibility, RewardError
 from flowrl.rewards.remote import RemoteReward, decode_png, encode_png, server_healthy
@@ -104,10 +102,7 @@ def test_server_killed_mid_run_stops_training_before_an_update(jpeg_server, tiny
         {"name": "remote", "args": {"url": url, "retries": 2, "backoff": 0.01, "timeout": 10}}])
 
     def fit():
-        trainer = L.Trainer(max_steps=1, max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
-        trainer.fit(module, datamodule=PromptDataModule(prompt_file, group_size=2, batch_size=4))
-        return trainer
+        return fit_one_iteration(module, prompt_file, max_epochs=1, limit_train_batches=1)
 
     assert fit().global_step > 0  # the server scores the first iteration
     proc.kill()

@@ -1,12 +1,10 @@
 """A failing reward never trains: ``on_reward_error: stop`` (no update) or ``skip_group`` (the groups it hit are dropped)."""
 
-import lightning as L
 import pytest
 import torch
-from tiny import make_module
+from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
-from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.rewards import RewardError, WeightedReward
 
@@ -29,12 +27,8 @@ def raises(images, prompts):
     raise RuntimeError("reward model out of memory")
 
 
-def fit(module, prompt_file, **kw):
-    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
-    trainer = L.Trainer(max_steps=1, max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False, **kw)
-    trainer.fit(module, datamodule=dm)
-    return trainer
+def fit(module, prompt_file):
+    return fit_one_iteration(module, prompt_file, max_epochs=1, limit_train_batches=1)
 
 
 def trained(module):

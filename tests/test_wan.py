@@ -3,7 +3,6 @@ frames), 4 steps."""
 
 import os
 
-import lightning as L
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UniPCMultistepScheduler, WanPipeline
@@ -11,12 +10,12 @@ from tiny import (
     assert_on_policy_ratios_are_one,
     assert_same_gradients,
     checkpointing_gradients,
+    fit_one_iteration,
     make_module,
     randomize_lora,
 )
 
 from flowrl.algorithms import AWM, GRPO, NFT
-from flowrl.data import PromptDataModule
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.tiny.wan import build
@@ -57,14 +56,6 @@ def make_wan(cls, path, *, finetune_type="lora", num_frames=FRAMES, max_sequence
     module = make_module(cls, path, **kw)
     module.test_reward = reward
     return module
-
-
-def fit_one_iteration(module, prompt_file, **trainer_kw):
-    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, use_distributed_sampler=False, **trainer_kw)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 # ---------------------------------------------------------------- loading, shapes

@@ -1,7 +1,9 @@
 """Tiny-module factories shared by the algorithm tests (a tiny random SD3 from ``tiny_sd3_path``)."""
 
+import lightning as L
 import torch
 
+from flowrl.data import PromptDataModule
 from flowrl.policy import PolicyConfig
 from flowrl.rewards import RewardSpec
 
@@ -19,6 +21,16 @@ def make_module(cls, path, *, finetune_type="lora", lora_rank=4, **overrides):
     )
     args.update(overrides)
     return cls(**args)
+
+
+def fit_one_iteration(module, prompt_file, **trainer_kw):
+    """``Trainer.fit`` of ``module`` on ``prompt_file`` (groups of 2, batches of 4) until its first optimizer step;
+    with ``max_epochs=1, limit_train_batches=1`` also when the iteration makes no update."""
+    dm = PromptDataModule(prompt_file, group_size=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, **trainer_kw)
+    trainer.fit(module, datamodule=dm)
+    return trainer
 
 
 def randomize_lora(module, std=0.05):

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from PIL import Image
 
 from flowrl.errors import ConfigError
 
@@ -21,6 +23,17 @@ class Reward(Protocol):
     """
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` floats in [0, 1] -> ``(B, H, W, C)`` uint8, the 8-bit pictures the samples would be saved as."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return np.ascontiguousarray(arr)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``(B, C, H, W)`` floats in [0, 1] -> PIL images (RGB, or grey for one channel)."""
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8(images)]
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from flowrl.rewards.base import register_reward
+from flowrl.rewards.base import register_reward, to_pil
 
 __all__ = ["AestheticScore", "ClipScore", "PickScore", "PickScoreRank", "AestheticHead"]
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+def _unit(features) -> torch.Tensor:
+    """L2-normalised float32 embeddings (transformers 5 returns them as ``pooler_output`` of an output object)."""
+    emb = features.pooler_output if hasattr(features, "pooler_output") else features
+    return nn.functional.normalize(emb.float(), dim=-1)
 
 
 class _Clip:
@@ -40,9 +39,7 @@ class _Clip:
         out = []
         for i in range(0, len(images), self.batch_size):
             pixels = self.processor(images=to_pil(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
-            emb = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
-            emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
-            out.append(nn.functional.normalize(emb.float(), dim=-1))
+            out.append(_unit(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -51,10 +48,8 @@ class _Clip:
         for i in range(0, len(prompts), self.batch_size):
             tok = self.processor(text=list(prompts[i:i + self.batch_size]), padding=True, truncation=True,
                                  return_tensors="pt")
-            emb = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                               attention_mask=tok["attention_mask"].to(self.device))
-            emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
-            out.append(nn.functional.normalize(emb.float(), dim=-1))
+            out.append(_unit(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                                          attention_mask=tok["attention_mask"].to(self.device))))
         return torch.cat(out)
 
     def cosine(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

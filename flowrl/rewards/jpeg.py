@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-from flowrl.rewards.base import register_reward
+from flowrl.rewards.base import register_reward, to_pil
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -19,13 +17,10 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
         return jpeg_size_kb(images.flatten(0, 1), quality).view(b, t).mean(1)
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for a in arr:
+    for image in to_pil(images):
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(a.squeeze(-1) if a.shape[-1] == 1 else a)).save(
-            buf, format="JPEG", quality=quality
-        )
+        image.save(buf, format="JPEG", quality=quality)
         sizes.append(buf.tell() / 1000.0)
     return torch.tensor(sizes, dtype=torch.float32)
 

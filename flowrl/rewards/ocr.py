@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import register_reward
+from flowrl.rewards.base import register_reward, to_uint8
 
 __all__ = ["OcrReward", "quoted_text", "text_score"]
 
@@ -51,8 +51,8 @@ def rapidocr_engine(**params) -> Callable[[np.ndarray], list[str]]:
     engine = RapidOCR(params=params or None)
 
     def read(image: np.ndarray) -> list[str]:
-        result = engine(image)
-        return list(result.txts or ()) if result is not None and getattr(result, "txts", None) else []
+        txts = getattr(engine(image), "txts", None)  # None when nothing is read
+        return list(txts) if txts else []
 
     return read
 
@@ -72,9 +72,8 @@ class OcrReward:
         self.missing_quote = missing_quote
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         scores = []
-        for image, prompt in zip(arr, prompts):
+        for image, prompt in zip(to_uint8(images), prompts):
             target = quoted_text(prompt)
             if target is None:
                 if self.missing_quote == "error":
@@ -82,5 +81,5 @@ class OcrReward:
                                      "or set missing_quote to a score)")
                 scores.append(float(self.missing_quote))
                 continue
-            scores.append(text_score(" ".join(self.read(np.ascontiguousarray(image))), target))
+            scores.append(text_score(" ".join(self.read(image)), target))
         return torch.tensor(scores, dtype=torch.float32)

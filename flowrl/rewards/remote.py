@@ -20,6 +20,7 @@ import base64
 import io
 import json
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -33,16 +34,15 @@ import torch
 from PIL import Image
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import RewardSpec, register_reward
+from flowrl.rewards.base import RewardSpec, register_reward, to_pil
 
 __all__ = ["RemoteReward", "decode_png", "encode_png", "make_server", "serve_reward_main", "server_healthy"]
 
 
 def encode_png(image: torch.Tensor) -> str:
     """``(C, H, W)`` float in [0, 1] -> base64 PNG (8-bit, what the images would be saved as)."""
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)).save(buf, format="PNG")
+    to_pil(image[None])[0].save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -144,8 +144,6 @@ def _batch(request: dict[str, Any]) -> torch.Tensor:
 
 def make_server(reward: Callable, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server of ``reward`` (not started: call ``serve_forever``). Requests are scored one at a time."""
-    import threading
-
     lock = threading.Lock()  # a reward model is rarely thread-safe; one batch at a time
 
     class Handler(BaseHTTPRequestHandler):
