@@ -123,13 +123,13 @@ class EMA(pl.Callback):
     Args:
         ema_decay: the target decay ``d`` in ``[0, 1]``. ``0`` disables averaging: no copy is kept, the
             "average" is the live weights at all times, :meth:`swapped` changes nothing.
-        ema_decay_schedule: one of :data:`EMA_DECAY_SCHEDULES` (see :func:`decay_at`).
+        ema_decay_schedule: constant, power, linear, piecewise_linear, cosine or warmup_cosine (see :func:`decay_at`).
         ema_update_interval: update the average every this many (counted) training batches.
         ema_device: where the average is kept: ``"cpu"``, ``"cuda"``, any ``torch.device`` string, or
             ``"same_as_model"`` (each parameter's own device). A device without index (``"cuda"``) of the
             parameter's device type means the parameter's device (the rank's GPU under DDP).
-        flat_steps, ramp_rate: ``piecewise_linear`` schedule: decay 0 for ``flat_steps`` updates, then
-            growing by ``ramp_rate`` per update up to ``ema_decay``.
+        flat_steps: ``piecewise_linear`` schedule: decay 0 for this many updates, then ramping up.
+        ramp_rate: ``piecewise_linear`` schedule: decay growth per update after flat_steps, up to ema_decay.
         warmup_steps: ``power``, ``linear`` and ``warmup_cosine`` schedules.
         initial_decay: ``d0`` of the ``linear``, ``cosine`` and ``warmup_cosine`` schedules.
         decay_steps: ``T`` of the ``cosine`` and ``warmup_cosine`` schedules.

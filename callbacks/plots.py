@@ -1,4 +1,4 @@
-"""``SamplePlots``: learning curves and a before/after sample grid, written as PNG (+ JSON) at fit end.
+"""``SamplePlots``: learning curves and sample grids, written as PNG (+ JSON) at every validation.
 
 Generic: it reads ``trainer.callback_metrics`` after every training batch, the module's
 ``last_validation_metrics`` dict (if it has one, so that a pre-training validation run during the
@@ -18,6 +18,18 @@ import torch
 
 
 class SamplePlots(pl.Callback):
+    """After every validation (the sanity-check one included) rank 0 rewrites ``history.json`` (training and
+    validation metrics by optimizer step), ``curves.png``, ``samples_before_after.png`` (the first validation's
+    samples above the latest's) and ``samples/step_<N>.png`` (that validation's samples), and hands the sample
+    grid to every TensorBoard logger of the trainer (``val/samples``).
+
+    Args:
+        train_keys: training metrics to record and plot (from ``trainer.callback_metrics``).
+        val_prefix: prefix of the validation metrics to record when the module has no ``last_validation_metrics``.
+        num_samples: validation samples in each grid (from the first validation batch).
+        dirpath: where the files go; null = the trainer's log folder.
+    """
+
     def __init__(
         self,
         train_keys: Sequence[str] = ("train/reward_mean",),
@@ -53,6 +65,9 @@ class SamplePlots(pl.Callback):
         row = {k: float(v) for k, v in metrics.items()}
         if row:
             self.val_history.append({"step": trainer.global_step, **row})
+        if trainer.global_rank == 0:
+            self.write(trainer)
+            self._log_images(trainer)
 
     def state_dict(self):
         return {"train_history": self.train_history, "val_history": self.val_history}
@@ -62,8 +77,11 @@ class SamplePlots(pl.Callback):
         self.val_history = state_dict.get("val_history", [])
 
     def on_fit_end(self, trainer, pl_module):
-        if trainer.global_rank != 0:
-            return
+        if trainer.global_rank == 0:
+            self.write(trainer, latest_grid=False)  # the training curve's last points
+
+    def write(self, trainer, latest_grid: bool = True) -> None:
+        """history.json, curves.png and the sample grids, into ``dirpath`` (default: the trainer's log folder)."""
         out = self.dirpath or trainer.log_dir or trainer.default_root_dir
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "history.json"), "w") as f:
@@ -71,6 +89,21 @@ class SamplePlots(pl.Callback):
         self.plot_curves(os.path.join(out, "curves.png"))
         if self.first_samples is not None:
             self.plot_grid(os.path.join(out, "samples_before_after.png"))
+        if latest_grid and self.last_samples is not None:
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            self.plot_grid(os.path.join(out, "samples", f"step_{trainer.global_step:06d}.png"),
+                           rows=[(f"step {trainer.global_step}", self.last_samples)])
+
+    def _log_images(self, trainer) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if self.last_samples is None:
+            return
+        images = self.last_samples[0]
+        images = images[:, 0] if images.ndim == 5 else images  # first frame of a video
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_images("val/samples", images.clamp(0, 1), trainer.global_step)
 
     def plot_curves(self, path: str) -> None:
         import matplotlib
@@ -99,17 +132,18 @@ class SamplePlots(pl.Callback):
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    def plot_grid(self, path: str) -> None:
+    def plot_grid(self, path: str, rows: list | None = None) -> None:
+        """A grid of ``rows`` (``[(label, (images, prompts)), ...]``; default: before and after)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [("before", self.first_samples), ("after", self.last_samples)]
-        n = len(self.first_samples[1])
+        rows = rows or [("before", self.first_samples), ("after", self.last_samples)]
+        n = len(rows[0][1][1])
         cols = min(8, n)
         per = math.ceil(n / cols)
-        fig, axes = plt.subplots(2 * per, cols, figsize=(1.6 * cols, 1.8 * 2 * per), squeeze=False)
+        fig, axes = plt.subplots(len(rows) * per, cols, figsize=(1.6 * cols, 1.8 * len(rows) * per), squeeze=False)
         for r, (label, (images, prompts)) in enumerate(rows):
             for i in range(per * cols):
                 ax = axes[r * per + i // cols][i % cols]

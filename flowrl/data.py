@@ -136,7 +136,17 @@ def validate_group_batch(group_size: int, batch_size: int) -> None:
 class PromptDataModule(L.LightningDataModule):
     """Training prompts in whole groups; validation prompts ``val_samples_per_prompt`` times each.
 
-    ``batch_size`` counts samples per process and training step (``group_size`` per prompt).
+    Args:
+        train_prompts: a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a ``prompt`` field a line), an
+            inline list, or a toy prompt set (``toy:train``, ``toy:train_balanced``, ``toy:heldout``, ``toy:eval``).
+        val_prompts: validation prompts, in the same forms; null = no validation.
+        group_size: samples per prompt (linked to model.group_size by the CLI).
+        batch_size: samples per process and iteration, a multiple of group_size.
+        val_batch_size: samples per validation batch.
+        val_samples_per_prompt: samples of each validation prompt.
+        max_val_prompts: use only the first this many validation prompts; null = all.
+        seed: seed of the prompt order (shuffled every epoch).
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(

@@ -55,19 +55,39 @@ def test_fit_with_validation_logs_overall_accuracy(module, tmp_path):
     assert "val/shapes_acc_position" in trainer.logged_metrics
 
 
-def test_sample_plots_write_curves_and_before_after_grid(module, tmp_path):
+def test_sample_plots_write_curves_and_grids_at_every_validation(module, tmp_path):
+    import json
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
     from callbacks import SamplePlots
 
-    plots = SamplePlots(num_samples=2, dirpath=str(tmp_path / "plots"))
+    class Recording(SamplePlots):
+        def write(self, trainer, latest_grid=True):
+            super().write(trainer, latest_grid)
+            history = json.loads((tmp_path / "plots" / "history.json").read_text())
+            self.written.append((trainer.global_step, len(history["val"])))
+
+    plots = Recording(num_samples=2, dirpath=str(tmp_path / "plots"))
+    plots.written = []
     dm = PromptDataModule(["a red circle", "two blue squares"], val_prompts=["a green triangle", "a red circle"],
                           group_size=2, batch_size=4)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, use_distributed_sampler=False, num_sanity_val_steps=-1,
-                        val_check_interval=2, check_val_every_n_epoch=None, callbacks=[plots])
+                        val_check_interval=1, check_val_every_n_epoch=None, callbacks=[plots])
     trainer.fit(module, datamodule=dm)
-    # The sanity-check run is the "before" evaluation (step 0), then one after training.
-    assert [row["step"] for row in plots.val_history] == [0, 2]
+    # The sanity-check run is the "before" evaluation (step 0), then one after each training step.
+    assert [row["step"] for row in plots.val_history] == [0, 1, 2]
     assert "val/shapes_acc_overall" in plots.val_history[0]
     assert len(plots.train_history) == 2
+    # Files are rewritten at every validation, not only at the end (then once more at fit end).
+    assert plots.written == [(0, 1), (1, 2), (2, 3), (2, 3)]
     for name in ("curves.png", "samples_before_after.png", "history.json"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "plots" / "samples").iterdir()) == [
+        "step_000000.png", "step_000001.png", "step_000002.png"]
+    events = EventAccumulator(logger.log_dir, size_guidance={IMAGES: 0})
+    events.Reload()
+    assert [e.step for e in events.Images("val/samples")] == [0, 1, 2]

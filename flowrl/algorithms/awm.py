@@ -34,7 +34,9 @@ class AWM(DecoupledModule):
     with an enabled ``callbacks.ReferenceModel`` (``kl_type: v-based``), its ``kl_beta`` term
     (:func:`flowrl.losses.awm_loss`). On-policy, before an update, every ratio is exactly 1.
 
-    Args (besides :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s):
+    Takes :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s options as well.
+
+    Args:
         awm_weighting: Uniform, t, t**2, huber or ghuber.
         ghuber_power: the power of ``ghuber``.
         ema_kl_beta: weight of the velocity-space KL to the EMA policy (needs ``callbacks.EMA``).

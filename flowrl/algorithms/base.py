@@ -55,7 +55,14 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
 class EvalConfig:
     """Validation sampling (always ODE). ``None`` fields fall back to the training values.
 
-    The seed's train/eval decoupling: train at a small ``resolution``, evaluate at full size."""
+    The seed's train/eval decoupling: train at a small ``resolution``, evaluate at full size.
+
+    Args:
+        resolution: validation image size, an int or [height, width]; null = the training resolution.
+        num_inference_steps: validation sampling steps; null = the training value.
+        guidance_scale: validation guidance; null = the training value.
+        seed: seed of the validation noise (the same images every validation).
+    """
 
     resolution: int | list[int] | None = None
     num_inference_steps: int | None = None
@@ -87,7 +94,45 @@ ON_REWARD_ERROR = ("stop", "skip_group")
 
 
 class FlowRLModule(L.LightningModule):
-    """Base class; use a concrete algorithm (``GRPO``, ...)."""
+    """Base class; use a concrete algorithm (``GRPO``, ...).
+
+    Args:
+        policy: the pretrained pipeline and which of its parameters train.
+        rewards: reward terms: ``{name: <registered>, args: {...}}`` or ``{class_path: ..., init_args: {...}}``,
+            each with a ``weight`` and a log ``label`` (null = jpeg_compressibility).
+        group_size: samples per prompt; advantages are normalised within each group.
+        resolution: image size of rollouts, an int or [height, width].
+        num_inference_steps: sampling steps of a rollout (and of validation unless ``eval`` sets its own).
+        guidance_scale: classifier-free guidance of rollouts (FLUX dev: its distilled guidance; 1 = none).
+        eval: validation sampling (always ODE): resolution, num_inference_steps, guidance_scale, seed;
+            null fields take the training values.
+        dynamics_type: sampler of the trained steps: Flow-SDE, Dance-SDE, CPS, or ODE (decoupled trainers).
+        noise_level: the SDE's noise scale (Flow-SDE and Dance-SDE below sqrt(2), CPS at most 1); null = the
+            dynamics' default (0.7, Dance-SDE 0.3).
+        train_steps: the sampling steps that may be trained, indices in [0, num_inference_steps - 2]; null = all.
+        num_train_steps: how many of them to train per iteration, drawn at random; null = all.
+        window_size: MixGRPO's sliding window of trained steps, moving from high to low noise; null = no window.
+        window_shift_interval: iterations between two moves of the window (needed with window_size).
+        window_stride: steps the window moves by (null = 1).
+        num_inner_epochs: passes of updates over each iteration's rollouts.
+        train_batch_size: samples per micro-batch, of the rollout's forward passes and of the updates alike;
+            null = the whole batch.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        max_grad_norm: clip the gradient norm to this before each optimizer step; null = no clipping.
+        clip_range: PPO clip of the probability ratio, c or [low, high] (trainers with a ratio only).
+        adv_clip_range: clamp the advantages to [-c, c] or [low, high]; null = no clamp.
+        global_std: divide advantages by the std of the whole batch (every process) instead of the group's.
+        advantage_aggregation: several rewards: ``sum`` (normalise their weighted sum per group) or ``gdpo``
+            (normalise each reward per group, then their weighted sum over the batch).
+        on_reward_error: a reward that raises or returns NaN / the wrong count: ``stop`` (raise before any
+            update) or ``skip_group`` (drop the affected groups from the iteration, logged).
+        async_rewards: score each sampled micro-batch in a background thread while the next one samples
+            (pointwise rewards only).
+        same_initial_noise: every member of a group starts from the same noise (DanceGRPO).
+        optimizer: optimizer of the trained parameters, ``class_path`` + ``init_args`` (AdamW by default).
+        lr_scheduler: learning-rate scheduler, stepped after every optimizer step; null = constant.
+        seed: seed of rollout noise and trained-step draws (the same on every process).
+    """
 
     #: coupled algorithms need a tractable log-prob at trained steps, so they forbid ODE dynamics.
     needs_log_prob: bool = True
@@ -543,7 +588,7 @@ class FlowRLModule(L.LightningModule):
             else:
                 self.log(f"train/{key}", v.mean(), prog_bar=key == "loss")
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("train/iteration", float(self.iteration))
+        self.log("train/iteration", float(self.iteration), prog_bar=True)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):

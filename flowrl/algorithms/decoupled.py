@@ -44,7 +44,9 @@ _TIMES_SALT = 271828  # separates the training-time / noise draws from the rollo
 class DecoupledModule(FlowRLModule):
     """Base of the decoupled algorithms; use :class:`~flowrl.algorithms.NFT` or :class:`~flowrl.algorithms.AWM`.
 
-    Args (besides :class:`FlowRLModule`'s):
+    Takes :class:`FlowRLModule`'s options as well.
+
+    Args:
         num_train_timesteps: training times per sample and iteration; None = every sampler step in
             range (discrete strategies only).
         time_sampling_strategy: uniform, logit_normal, discrete, discrete_with_init, discrete_wo_init.

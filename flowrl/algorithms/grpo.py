@@ -32,9 +32,13 @@ class GRPO(FlowRLModule):
     trainer_type = "grpo"
 
     def __init__(self, policy: PolicyConfig, clip_range: float | list[float] | None = 1e-4, **kwargs):
-        """``clip_range``: PPO clip range of the ratio, ``c`` (ratio in ``[1 - c, 1 + c]``) or ``[low, high]``
-        (ratio in ``[1 + low, 1 + high]``, ``low < 0 < high``); null disables clipping. Other options: see
-        :class:`~flowrl.algorithms.base.FlowRLModule`."""
+        """Other options: see :class:`~flowrl.algorithms.base.FlowRLModule`.
+
+        Args:
+            policy: the pretrained pipeline and which of its parameters train.
+            clip_range: PPO clip of the ratio, c (ratio in [1 - c, 1 + c]) or [low, high] (ratio in
+                [1 + low, 1 + high], low < 0 < high); null = no clipping.
+        """
         refuse_options_of_other_trainers(type(self), kwargs)  # e.g. time_shift: a decoupled trainer's option
         super().__init__(policy, clip_range=clip_range, **kwargs)
 

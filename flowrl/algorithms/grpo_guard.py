@@ -42,8 +42,13 @@ class GRPOGuard(GRPO):
 
     def __init__(self, policy: PolicyConfig, guard_loss_weighting: Literal["inverse_dt", "none"] = "inverse_dt",
                  **kwargs):
-        """``guard_loss_weighting``: ``inverse_dt`` divides each trained step's loss by ``-dt`` (the GRPO-Guard
-        authors' code); ``none`` does not (the guide's system). Other options: see :class:`GRPO`."""
+        """Other options: see :class:`GRPO`.
+
+        Args:
+            policy: the pretrained pipeline and which of its parameters train.
+            guard_loss_weighting: ``inverse_dt`` divides each trained step's loss by -dt (the GRPO-Guard authors'
+                code); ``none`` does not (the guide's system).
+        """
         if guard_loss_weighting not in GUARD_LOSS_WEIGHTINGS:
             raise ConfigError(f"guard_loss_weighting={guard_loss_weighting!r}; choose one of {GUARD_LOSS_WEIGHTINGS}")
         super().__init__(policy, **kwargs)

@@ -27,7 +27,9 @@ class NFT(DecoupledModule):
     ``callbacks.EMA`` + ``callbacks.OffPolicySampling`` (recommended, ``ema_decay_schedule:
     piecewise_linear``), otherwise the live weights before this iteration's updates.
 
-    Args (besides :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s):
+    Takes :class:`~flowrl.algorithms.decoupled.DecoupledModule`'s options as well.
+
+    Args:
         nft_beta: the policy-mixing coefficient ``beta`` (1 by default; 0.1 is faster, less stable).
 
     ``clip_range`` (a base option) is refused: NFT has no probability ratio.

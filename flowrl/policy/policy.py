@@ -36,8 +36,23 @@ def _is_local_path(name: str) -> bool:
 class PolicyConfig:
     """How to build the policy: a diffusers pipeline and which of its parameters train.
 
-    ``pretrained_model_name_or_path`` is a hub id (``stabilityai/stable-diffusion-3.5-medium``), a local
-    directory written by ``save_pretrained``, or ``flowrl:toy`` for the shipped toy model.
+    Args:
+        pretrained_model_name_or_path: a hub id (``stabilityai/stable-diffusion-3.5-medium``), a local folder
+            written by ``save_pretrained``, or ``flowrl:toy`` for the shipped toy model.
+        finetune_type: ``lora`` (adapters on the transformer, the rest frozen) or ``full`` (the whole transformer).
+        lora_rank: rank of the LoRA adapters.
+        lora_alpha: LoRA scaling alpha; null = lora_rank (scale 1).
+        lora_dropout: dropout on the LoRA path.
+        target_modules: module names the adapters wrap; null = the model family's attention and MLP layers.
+        max_sequence_length: prompt tokens of the text encoder(s); null = the pipeline's default.
+        num_frames: frames of a video model's rollouts; null = the model family's default.
+        frozen_dtype: dtype of the frozen weights (VAE, text encoders, the transformer's base under LoRA):
+            float32, bfloat16 or float16; trained weights stay float32.
+        revision: hub revision (branch, tag or commit) to load.
+        variant: weight-file variant to load (e.g. ``fp16``).
+        gradient_checkpointing: recompute the transformer's activations in the backward pass (less memory).
+        uncond_gradient: with classifier-free guidance in training, differentiate the unconditional branch too
+            (Flow-GRPO); false treats it as a constant and saves memory.
     """
 
     pretrained_model_name_or_path: str

@@ -77,7 +77,15 @@ class RewardSpec:
     """One term of the reward and its ``weight``: a registered reward ``name`` with constructor ``args``
     (``{name: shapes}``), or any class by its import path, the Lightning way
     (``{class_path: mypkg.MyReward, init_args: {...}, weight: 0.5}``). ``label`` names the term in logs
-    (default: the name, or the class's name)."""
+    (default: the name, or the class's name).
+
+    Args:
+        name: a registered reward (``shapes``, ``pickscore``, ...); or give class_path instead.
+        weight: the term's weight in the sum (or in the gdpo aggregation).
+        args: constructor arguments of the registered reward.
+        label: the term's name in logs (``train/reward_<label>``).
+        reward_class: a reward class's import path (what a ``class_path`` entry becomes).
+    """
 
     name: str | None = None
     weight: float = 1.0

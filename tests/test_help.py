@@ -1,0 +1,53 @@
+"""``flowrl fit --help`` documents every option of flowrl's classes: type, default and a description
+(the descriptions come from the classes' docstrings, so code and reference cannot drift apart)."""
+
+import re
+
+import pytest
+
+from flowrl.algorithms import ALGORITHMS
+from flowrl.cli import main
+
+OPTION = re.compile(r"^  (--[\w.]+)(.*)$")
+
+
+def help_text(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def undocumented(text: str, prefixes: tuple[str, ...]) -> tuple[list[str], int]:
+    """Options under ``prefixes`` whose help is only the ``(type: ..., default: ...)`` part, and how many were seen."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = OPTION.match(line)
+        if m:
+            current = m.group(1)
+            # The option's own metavar (and aliases) come first; the description starts after two spaces.
+            rest = re.split(r"\s{2,}", m.group(2).strip(), maxsplit=1)
+            entries[current] = rest[1] if len(rest) == 2 else ""
+        elif current and line.startswith(" " * 20):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    options = {k: v.strip() for k, v in entries.items() if k.startswith(prefixes) and not k.endswith(".help")}
+    options = {k: v for k, v in options.items() if v != "Path to a configuration file."}
+    return sorted(k for k, v in options.items() if not v or v.startswith("(")), len(options)
+
+
+@pytest.mark.parametrize("trainer_type", sorted(ALGORITHMS))
+def test_every_model_and_data_option_has_a_description(capsys, trainer_type):
+    text = help_text(capsys, "--trainer_type", trainer_type, "--help")
+    missing, seen = undocumented(text, ("--model.", "--data."))
+    assert seen > 40 and not missing, f"options without a description (add them to the class's Args:): {missing}"
+    assert "(type: int, default: 8)" in text  # group_size: type and default are shown too
+
+
+@pytest.mark.parametrize("callback", ["callbacks.EMA", "callbacks.OffPolicySampling", "callbacks.ReferenceModel",
+                                      "callbacks.SamplePlots"])
+def test_every_callback_option_has_a_description(capsys, callback):
+    text = help_text(capsys, "--trainer.callbacks.help", callback)
+    missing, seen = undocumented(text, ("--trainer.callbacks.",))
+    assert seen >= 1 and not missing, f"{callback}: options without a description: {missing}"
