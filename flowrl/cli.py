@@ -114,6 +114,10 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
         from flowrl.export import export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["sample"]:  # ``flowrl sample``: images, a grid and reward scores from a model (flowrl/sample.py)
+        from flowrl.sample import sample_main
+
+        return sample_main(argv[1:])
     if argv[:1] == ["serve-reward"]:  # ``flowrl serve-reward``: host a reward over HTTP (flowrl/rewards/remote.py)
         from flowrl.rewards.remote import serve_reward_main
 

@@ -122,6 +122,12 @@ def _save_full(policy, out_dir: str) -> dict[str, Any]:
     }
 
 
+def _call_kwargs(pipeline, adapter) -> dict:
+    from flowrl.sample import conditioning_kwargs
+
+    return conditioning_kwargs(pipeline, adapter)
+
+
 def export_policy(policy, out_dir: str | os.PathLike, *, trainer_type: str | None = None,
                   extra: dict[str, Any] | None = None, overwrite: bool = False) -> str:
     """Write ``policy`` (a :class:`flowrl.policy.FlowMatchingPolicy`) to ``out_dir`` in stock diffusers form:
@@ -137,6 +143,8 @@ def export_policy(policy, out_dir: str | os.PathLike, *, trainer_type: str | Non
         "pipeline_class": type(pipeline).__name__,
         "base_model": getattr(pipeline, "name_or_path", None),
         "trainer_type": trainer_type,
+        # what pipeline(...) needs to condition as flowrl trained (an SD3 without T5: max_sequence_length 0)
+        "call_kwargs": _call_kwargs(pipeline, policy.adapter),
     }
     if policy.finetune_type == "lora":
         info.update(_save_lora(policy, out_dir))

@@ -68,7 +68,7 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 
 def _import_builtins() -> None:
     # Built-in rewards register themselves on import.
-    from flowrl.rewards import clip, jpeg, ocr, remote, video  # noqa: F401
+    from flowrl.rewards import clip, hps, image_reward, jpeg, ocr, remote, video  # noqa: F401
     from flowrl.toy import verifier  # noqa: F401
 
 

@@ -1,0 +1,269 @@
+"""``flowrl sample``: prompts in; a grid PNG, the images and their reward scores out.
+
+The images come from a stock diffusers pipeline's own ``__call__`` (ODE sampling, the pipeline's scheduler), in
+every case, so what is shown is what users of the trained model will get:
+
+* a base model: ``--model`` (a hub id, a local folder, ``flowrl:toy``, or a full-pipeline folder of
+  ``flowrl export``);
+* an exported LoRA: ``--lora DIR`` (``flowrl export`` output) loaded with the pipeline's ``load_lora_weights``;
+  the base is ``--model``, or the one recorded in the export;
+* a training checkpoint: ``--ckpt_path`` with the run's ``--config``, built as ``flowrl fit`` built it, its trained
+  parameters (``--ema``: the EMA average) in the policy's pipeline; the run's validation settings and rewards are
+  the defaults.
+
+Each image ``i`` starts from the noise of seed ``seed + i``, so a grid does not depend on ``--batch_size``::
+
+    flowrl sample --model flowrl:toy --lora exported/ --prompt "a red circle" --num_per_prompt 4 --out samples/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+import yaml
+
+from flowrl.errors import ConfigError
+
+__all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "save_grid", "sample_main"]
+
+GRID = "grid.png"
+SCORES = "scores.json"
+
+
+def _export_info(directory: str) -> dict:
+    from flowrl.export import EXPORT_INFO
+
+    path = os.path.join(directory, EXPORT_INFO)
+    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+
+
+def load_sampling_pipeline(model: str | None = None, lora: str | None = None):
+    """A stock diffusers pipeline: ``model`` (hub id, folder, ``flowrl:toy``), with the LoRA folder ``lora`` of
+    ``flowrl export`` loaded into it (the base defaults to the one that export records)."""
+    from flowrl.policy.policy import PolicyConfig, _load_pipeline
+
+    if lora is not None:
+        if not os.path.isdir(lora):
+            raise ConfigError(f"--lora {lora!r} is not a directory; give the folder flowrl export wrote")
+        info = _export_info(lora)
+        if info and info.get("format") != "diffusers_lora":
+            raise ConfigError(f"--lora {lora!r} holds a full pipeline export; pass it as --model instead")
+        model = model or info.get("pretrained_model_name_or_path") or info.get("base_model")
+    if not model:
+        raise ConfigError("give --model (a hub id, a local folder or flowrl:toy), --lora, or --ckpt_path with --config")
+    pipeline = _load_pipeline(PolicyConfig(model))
+    if lora is not None:
+        pipeline.load_lora_weights(lora)
+    return pipeline
+
+
+def _checkpoint_pipeline(ckpt_path: str, configs: Sequence[str], ema: bool):
+    """The policy pipeline of a ``flowrl fit`` checkpoint, and the module (its eval settings and rewards)."""
+    from flowrl.export import _ema_state, _read_checkpoint, build_module, load_trained_parameters
+
+    if not configs:
+        raise ConfigError("--ckpt_path needs the run's --config (its config.yaml), to build the model as it was trained")
+    checkpoint = _read_checkpoint(ckpt_path)
+    module = build_module(configs)
+    load_trained_parameters(module, checkpoint, _ema_state(checkpoint) if ema else None,
+                            source=f"checkpoint {ckpt_path!r}")
+    module.eval()
+    return module.policy.pipeline, module
+
+
+def conditioning_kwargs(pipeline, adapter=None) -> dict:
+    """The ``pipeline(...)`` arguments that make its text context (T5 tokens) and frame count the ones flowrl
+    trains with: an SD3 without T5 trains on 0 T5 tokens, where the stock call pads 256 zero tokens."""
+    import inspect
+
+    from flowrl.policy import adapter_for
+
+    adapter = adapter or adapter_for(pipeline)
+    accepted = inspect.signature(type(pipeline).__call__).parameters
+    values = {"max_sequence_length": adapter.max_sequence_length, "num_frames": adapter.num_frames}
+    return {k: v for k, v in values.items() if v is not None and k in accepted}
+
+
+@torch.no_grad()
+def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int | None = None,
+                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                  seed: int = 0, batch_size: int = 8, progress: bool = True, adapter=None) -> torch.Tensor:
+    """``pipeline(prompt=...)`` over ``prompts`` in batches: images ``(N, C, H, W)`` in [0, 1] (the first frame of
+    a video). Image ``i`` starts from the noise of ``torch.Generator().manual_seed(seed + i)``. The text context
+    (and a video's frame count) is the one flowrl trains with (``adapter``, default the family's)."""
+    from tqdm.auto import tqdm
+
+    kwargs = {k: v for k, v in {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                                "height": height, "width": width}.items() if v is not None}
+    kwargs.update(conditioning_kwargs(pipeline, adapter))
+    pipeline.set_progress_bar_config(disable=True)
+    out = []
+    bar = tqdm(total=len(prompts), desc="sampling", unit="image", disable=not progress, file=sys.stderr)
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        result = pipeline(prompt=batch, generator=generators, output_type="pt", **kwargs)
+        images = result.images if hasattr(result, "images") else result.frames
+        images = torch.as_tensor(images).float().cpu()
+        if images.ndim == 5:  # (B, T, C, H, W) video: its first frame
+            images = images[:, 0]
+        out.append(images.clamp(0, 1))
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, prompts: Sequence[str], path: str, per_row: int, scores=None,
+              min_cell: int = 128) -> str:
+    """A PNG grid: one row per prompt (its text on the left), ``per_row`` images each, a score under each image
+    (small images are enlarged, nearest neighbour, to ``min_cell`` pixels)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from flowrl.rewards.base import to_pil
+
+    pictures = to_pil(images)
+    scale = max(1, math.ceil(min_cell / max(pictures[0].size)))
+    w, h = pictures[0].width * scale, pictures[0].height * scale
+    label_w, caption_h, pad = 220, 14 if scores is not None else 0, 4
+    rows = math.ceil(len(pictures) / per_row)
+    grid = Image.new("RGB", (label_w + per_row * (w + pad), rows * (h + caption_h + pad)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, picture in enumerate(pictures):
+        r, c = divmod(i, per_row)
+        x, y = label_w + c * (w + pad), r * (h + caption_h + pad)
+        grid.paste(picture.resize((w, h), Image.NEAREST), (x, y))
+        if scores is not None:
+            draw.text((x + 2, y + h + 1), f"{float(scores[i]):.3f}", fill="black", font=font)
+        if c == 0:
+            words, lines = prompts[i].split(), [""]
+            for word in words:  # wrap the prompt into the label column
+                lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 34 else [lines[-1], word]
+            draw.multiline_text((4, y + 4), "\n".join(line.strip() for line in lines), fill="black", font=font)
+    grid.save(path)
+    return path
+
+
+def _reward(entries: Sequence[str]):
+    """``--reward`` values (a registered name, or a YAML/JSON mapping such as ``{name: pickscore, args: {...}}``)."""
+    from flowrl.rewards import WeightedReward
+
+    specs = []
+    for entry in entries:
+        try:
+            value = yaml.safe_load(entry)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--reward {entry!r} is neither a reward name nor a YAML mapping ({e})") from e
+        specs.append({"name": value} if isinstance(value, str) else value)
+    return WeightedReward.from_specs(specs)
+
+
+def _prompts(args) -> list[str]:
+    from flowrl.data import load_prompts
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_prompts(args.prompts, "--prompts")
+    if args.max_prompts is not None:
+        prompts = prompts[:args.max_prompts]
+    if not prompts:
+        raise ConfigError("give prompts: --prompt TEXT (repeatable) or --prompts FILE (.txt, .jsonl or toy:eval)")
+    return prompts
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one ``error:`` line from console_main, status 2, like a refused configuration
+        raise ConfigError(f"flowrl sample: {message} (see flowrl sample --help)")
+
+
+def sample_main(argv: Sequence[str]) -> dict:
+    parser = _Parser(prog="flowrl sample", description="Generate images from a base model, an exported LoRA or a "
+                     "flowrl fit checkpoint with a stock diffusers pipeline; write a grid PNG, the images and "
+                     "their reward scores.")
+    src = parser.add_argument_group("what to sample from")
+    src.add_argument("--model", help="base model: hub id, local folder, flowrl:toy, or a full export of flowrl export")
+    src.add_argument("--lora", help="a LoRA folder written by flowrl export (base: --model or the export's own)")
+    src.add_argument("--ckpt_path", help="a checkpoint of flowrl fit (with --config)")
+    src.add_argument("--config", "-c", action="append", default=[], help="the checkpoint run's config.yaml")
+    src.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (callbacks.EMA)")
+    what = parser.add_argument_group("prompts and sampling")
+    what.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    what.add_argument("--prompts", help="a prompt file: .txt, .jsonl or a toy set (toy:eval)")
+    what.add_argument("--max_prompts", type=int, help="only the first this many prompts")
+    what.add_argument("--num_per_prompt", type=int, default=4, help="images per prompt, one grid row (default 4)")
+    what.add_argument("--num_inference_steps", type=int, help="sampling steps (default: the run's or the pipeline's)")
+    what.add_argument("--guidance_scale", type=float, help="guidance (default: the run's or the pipeline's)")
+    what.add_argument("--resolution", type=int, nargs="+", help="H or H W (default: the run's or the pipeline's)")
+    what.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i (default 0)")
+    what.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (default 8)")
+    what.add_argument("--reward", action="append", help="score with this reward: a name, or a mapping "
+                      "'{name: pickscore, args: {...}}' (repeatable; default: the checkpoint run's rewards)")
+    parser.add_argument("--out", required=True, help="directory for grid.png, scores.json and images/")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    for name in ("num_per_prompt", "batch_size", "num_inference_steps", "max_prompts"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.resolution is not None and len(args.resolution) not in (1, 2):
+        parser.error("--resolution takes H or H W")
+    if args.ckpt_path and (args.model or args.lora):
+        parser.error("--ckpt_path samples the checkpoint's own model; leave out --model / --lora")
+    if args.ema and not args.ckpt_path:
+        parser.error("--ema needs --ckpt_path")
+    prompts = _prompts(args)
+    reward = _reward(args.reward) if args.reward else None  # before any model loads: a bad reward fails fast
+
+    steps, guidance, (height, width) = args.num_inference_steps, args.guidance_scale, (None, None)
+    if args.resolution:
+        height, width = args.resolution[0], args.resolution[-1]
+    if args.ckpt_path:
+        pipeline, module = _checkpoint_pipeline(args.ckpt_path, args.config, args.ema)
+        ev = module.eval_config
+        steps = steps or ev.num_inference_steps or module.num_inference_steps
+        guidance = guidance if guidance is not None else (
+            ev.guidance_scale if ev.guidance_scale is not None else module.guidance_scale)
+        if height is None:
+            res = ev.resolution or [module.height, module.width]
+            height, width = (res, res) if isinstance(res, int) else (res[0], res[-1])
+        reward, adapter = reward or module.reward_fn, module.policy.adapter
+    else:
+        if args.config:
+            parser.error("--config belongs to --ckpt_path")
+        pipeline, adapter = load_sampling_pipeline(args.model, args.lora), None
+
+    expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
+    images = sample_images(pipeline, expanded, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                           width=width, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+                           adapter=adapter)
+    records = [{"index": i, "prompt": p, "seed": args.seed + i} for i, p in enumerate(expanded)]
+    scores = None
+    if reward is not None:
+        total, valid, errors, terms = reward.score_terms(images, expanded)
+        if errors:
+            raise ConfigError(f"the reward failed: {'; '.join(errors)}")
+        scores = total
+        for i, record in enumerate(records):
+            record["reward"] = float(total[i])
+            record.update({f"reward_{k}": float(v[i]) for k, v in terms.items()})
+
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    from flowrl.rewards.base import to_pil
+
+    for record, picture in zip(records, to_pil(images)):
+        record["image"] = os.path.join("images", f"{record['index']:04d}.png")
+        picture.save(os.path.join(args.out, record["image"]))
+    save_grid(images, expanded, os.path.join(args.out, GRID), args.num_per_prompt, scores)
+    summary = {"source": {"model": args.model, "lora": args.lora, "ckpt_path": args.ckpt_path, "ema": args.ema},
+               "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+               "mean_reward": float(scores.mean()) if scores is not None else None, "images": records}
+    with open(os.path.join(args.out, SCORES), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    mean = f", mean reward {summary['mean_reward']:.4f}" if scores is not None else ""
+    print(f"{len(records)} images of {len(prompts)} prompts{mean}: {os.path.join(args.out, GRID)}")
+    return summary
