@@ -95,16 +95,27 @@ class FlowRLCLI(LightningCLI):
             raise ConfigError(str(e)) from e
 
 
-def model_keys_from_args(args: Sequence[str]) -> set[str]:
-    """The top-level ``model`` options a command line sets, in its ``--config`` files or as ``--model.X``."""
-    keys: set[str] = set()
+def model_keys_from_args(args: Sequence[str]) -> dict[str, object]:
+    """The top-level ``model`` options a command line sets, in its ``--config`` files or as ``--model.X``, with
+    their values (``...`` where not known before parsing). A saved ``config.yaml`` lists every option, another
+    trainer's inherited ones as ``null``: that is "not set"."""
+    keys: dict[str, object] = {}
     for data in _config_documents(args):
         model = data.get("model")
         if isinstance(model, dict):
-            keys |= set(model.get("init_args", model) if "class_path" in model else model)
-    for a in args:
+            keys.update(model.get("init_args", model) if "class_path" in model else model)
+    for i, a in enumerate(args):
         if a.startswith("--model.") and not a.startswith("--model.init_args."):
-            keys.add(a[len("--model."):].split("=", 1)[0].split(".", 1)[0])
+            name, sep, value = a[len("--model."):].partition("=")
+            if "." in name:  # --model.policy.lora_rank: the option is policy
+                keys[name.split(".", 1)[0]] = ...
+                continue
+            if not sep and i + 1 < len(args):
+                value = args[i + 1]
+            try:
+                keys[name] = yaml.safe_load(value) if value else ...
+            except yaml.YAMLError:
+                keys[name] = ...
     return keys
 
 

@@ -122,6 +122,16 @@ def _save_full(policy, out_dir: str) -> dict[str, Any]:
     }
 
 
+def _validation_sampling(module) -> dict[str, Any]:
+    """The run's validation sampling: steps, guidance, height and width."""
+    ev = module.eval_config
+    res = ev.resolution or [module.height, module.width]
+    height, width = (res, res) if isinstance(res, int) else (res[0], res[-1])
+    return {"num_inference_steps": ev.num_inference_steps or module.num_inference_steps,
+            "guidance_scale": module.guidance_scale if ev.guidance_scale is None else ev.guidance_scale,
+            "height": int(height), "width": int(width)}
+
+
 def _call_kwargs(pipeline, adapter) -> dict:
     from flowrl.sample import conditioning_kwargs
 
@@ -266,6 +276,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, config: str | os.PathLike | 
         "global_step": checkpoint.get("global_step"),
         "iteration": checkpoint.get("flowrl_iteration"),
         "weights": "ema" if ema else "live",
+        "sampling": _validation_sampling(module),  # flowrl sample's defaults for this export
     }
     return export_policy(module.policy, out_dir, trainer_type=getattr(module, "trainer_type", None) or None,
                          extra=extra, overwrite=overwrite)

@@ -4,9 +4,9 @@ The images come from a stock diffusers pipeline's own ``__call__`` (ODE sampling
 every case, so what is shown is what users of the trained model will get:
 
 * a base model: ``--model`` (a hub id, a local folder, ``flowrl:toy``, or a full-pipeline folder of
-  ``flowrl export``);
+  ``flowrl export``, whose recorded validation settings are then the defaults);
 * an exported LoRA: ``--lora DIR`` (``flowrl export`` output) loaded with the pipeline's ``load_lora_weights``;
-  the base is ``--model``, or the one recorded in the export;
+  the base is ``--model``, or the one recorded in the export; the run's validation settings are the defaults;
 * a training checkpoint: ``--ckpt_path`` with the run's ``--config``, built as ``flowrl fit`` built it, its trained
   parameters (``--ema``: the EMA average) in the policy's pipeline; the run's validation settings and rewards are
   the defaults.
@@ -223,19 +223,22 @@ def sample_main(argv: Sequence[str]) -> dict:
     if args.resolution:
         height, width = args.resolution[0], args.resolution[-1]
     if args.ckpt_path:
+        from flowrl.export import _validation_sampling
+
         pipeline, module = _checkpoint_pipeline(args.ckpt_path, args.config, args.ema)
-        ev = module.eval_config
-        steps = steps or ev.num_inference_steps or module.num_inference_steps
-        guidance = guidance if guidance is not None else (
-            ev.guidance_scale if ev.guidance_scale is not None else module.guidance_scale)
-        if height is None:
-            res = ev.resolution or [module.height, module.width]
-            height, width = (res, res) if isinstance(res, int) else (res[0], res[-1])
+        run_sampling = _validation_sampling(module)
         reward, adapter = reward or module.reward_fn, module.policy.adapter
     else:
         if args.config:
             parser.error("--config belongs to --ckpt_path")
         pipeline, adapter = load_sampling_pipeline(args.model, args.lora), None
+        export = args.lora or (args.model if args.model and os.path.isdir(args.model) else None)
+        run_sampling = (_export_info(export) if export else {}).get("sampling") or {}
+    # Not given: the run's validation sampling (a checkpoint, or an export that records it), else the pipeline's.
+    steps = steps or run_sampling.get("num_inference_steps")
+    guidance = guidance if guidance is not None else run_sampling.get("guidance_scale")
+    if height is None:
+        height, width = run_sampling.get("height"), run_sampling.get("width")
 
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
     images = sample_images(pipeline, expanded, num_inference_steps=steps, guidance_scale=guidance, height=height,

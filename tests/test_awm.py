@@ -29,6 +29,19 @@ def test_registered_and_decoupled_flags(tiny_sd3_path):
     assert module.rollout(PROMPTS).latents is None
 
 
+@pytest.mark.parametrize("dynamics_type", ["ODE", "CPS", "Flow-SDE", "Dance-SDE"])
+def test_any_sampler_is_accepted_and_trains(tiny_sd3_path, dynamics_type):
+    """Decoupled: the rollout's sampler only makes x0; the first loss on it is finite and on-policy exactly 1."""
+    noise = {} if dynamics_type == "ODE" else {"noise_level": 0.5}
+    module = make_awm(tiny_sd3_path, dynamics_type=dynamics_type, **noise)
+    randomize_lora(module)
+    rollout = module.rollout(PROMPTS)
+    units = module.training_units(rollout)
+    out = module.training_loss(rollout, ADV, torch.arange(4), units[0])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.equal(out["ratio"], torch.ones_like(out["ratio"]))
+
+
 @pytest.mark.parametrize("weighting", AWM_WEIGHTINGS)
 @pytest.mark.parametrize("train_guidance_scale", [1.0, 2.5])
 def test_on_policy_ratio_is_exactly_one_through_the_module(tiny_sd3_path, weighting, train_guidance_scale):

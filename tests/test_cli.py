@@ -7,7 +7,10 @@ from flowrl.cli import console_main, main, trainer_type_from_args
 from flowrl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
+ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
+#: overlays (a few lines added after a whole config with a second --config) and the config each is tested on
+OVERLAYS = {os.path.join(ROOT, "lightning_configs", "toy", "lora.yaml"): os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")}
+CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS]
 
 
 def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list[str]:
@@ -41,6 +44,26 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
     if os.sep + "wan" + os.sep in config:
         args.append("--model.policy.num_frames=5")  # the tiny Wan's shortest clip, instead of the config's 33
     return args
+
+
+def test_every_config_is_whole_or_a_tested_overlay():
+    import yaml
+
+    for config in ALL_CONFIGS:
+        whole = "trainer_type" in (yaml.safe_load(open(config, encoding="utf-8")) or {})
+        assert whole != (config in OVERLAYS), f"{config}: a whole config sets trainer_type; an overlay is in OVERLAYS"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS), ids=lambda c: os.path.relpath(c, ROOT))
+def test_overlay_runs_a_few_steps_on_its_config(overlay, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = OVERLAYS[overlay]
+    cli = main(["fit", "--config", base, "--config", overlay, *tiny_overrides(base, None, prompt_file)])
+    assert cli.trainer.global_step >= 2
+    assert "train/loss" in cli.trainer.logged_metrics
+    if overlay.endswith("lora.yaml"):
+        assert cli.model.policy.finetune_type == "lora"
+        assert any(os.scandir(tmp_path / "runs" / "toy-lora"))
 
 
 def test_configs_exist():

@@ -37,7 +37,7 @@ def test_registered_and_decoupled_flags(tiny_sd3_path):
     assert rollout.final.shape[0] == 4 and rollout.images.shape == (4, 3, 16, 16)
 
 
-@pytest.mark.parametrize("dynamics_type", ["ODE", "CPS", "Flow-SDE"])
+@pytest.mark.parametrize("dynamics_type", ["ODE", "CPS", "Flow-SDE", "Dance-SDE"])
 def test_any_sampler_is_accepted(tiny_sd3_path, dynamics_type):
     noise = {} if dynamics_type == "ODE" else {"noise_level": 0.5}  # ODE refuses a noise level (it would do nothing)
     module = make_nft(tiny_sd3_path, dynamics_type=dynamics_type, **noise)

@@ -44,8 +44,9 @@ def test_cpu_description_names_the_capability():
 def test_toy_configs_leave_precision_to_the_cpu(config):
     """No toy config forces a precision: bf16 autocast is ~5x slower than float32 on AVX2-only CPUs."""
     data = yaml.safe_load(open(config, encoding="utf-8"))
-    assert "precision" not in data["trainer"], f"{config} forces trainer.precision"
-    assert data["trainer"]["accelerator"] == "cpu"
+    assert "precision" not in data.get("trainer", {}), f"{config} forces trainer.precision"
+    if "trainer_type" in data:  # a whole config, not an overlay
+        assert data["trainer"]["accelerator"] == "cpu"
 
 
 def test_flowrl_fit_chooses_logs_and_records_the_precision(native_bf16, tmp_path, monkeypatch, caplog):

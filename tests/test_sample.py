@@ -54,7 +54,16 @@ def test_exported_lora_in_a_stock_pipeline_samples_what_the_checkpoint_samples(p
     ckpt = main(["sample", "--ckpt_path", run.ckpt, "--config", run.config, *common, "--out", "ckpt"])
     lora = main(["sample", "--lora", run.out, *common, "--reward", "shapes", "--out", "lora"])
     main(["sample", "--model", "flowrl:toy", *common, "--out", "base"])
+    # Nothing given: the run's validation sampling, recorded in the export, from either source.
+    defaults = main(["sample", "--lora", run.out, *FAST[:6], "--no_progress", "--out", "defaults"])
+    recorded = run.info["sampling"]
+    assert recorded == {"num_inference_steps": 3, "guidance_scale": 4.5, "height": 32, "width": 32}
+    assert {k: defaults[k] for k in recorded} == recorded
+    from_ckpt = main(["sample", "--ckpt_path", run.ckpt, "--config", run.config, *FAST[:6], "--no_progress",
+                      "--out", "ckpt-defaults"])
+    assert {k: from_ckpt[k] for k in recorded} == recorded
     assert ckpt["mean_reward"] is not None  # the run's own reward (shapes) scores a checkpoint by default
+    assert lora["mean_reward"] is not None
     torch.testing.assert_close(images_of("ckpt"), images_of("lora"), atol=1, rtol=0)  # at most 1/255 apart
     assert (images_of("ckpt") - images_of("base")).abs().max() > 8
 

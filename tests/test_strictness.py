@@ -40,6 +40,22 @@ def test_cli_names_the_trainer_that_uses_the_option(tmp_path):
     extra.write_text("model:\n  time_shift: 3.0\n")
     with pytest.raises(ConfigError, match=r"model\.time_shift does nothing for trainer_type 'grpo'.*nft, awm"):
         main(["--config", os.path.join(TOY, "grpo.yaml"), "--config", str(extra)], run=False)
+    with pytest.raises(ConfigError, match=r"model\.clip_range does nothing for trainer_type 'nft'"):
+        main(["--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range", "0.2"], run=False)
+
+
+def test_a_saved_config_with_another_trainers_options_null_is_accepted(tmp_path, monkeypatch):
+    """The config.yaml flowrl fit saves lists every option; an NFT run's has clip_range: null (unset)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(open(os.path.join(TOY, "nft.yaml")))
+    data["model"]["clip_range"] = None
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(data))
+    cli = main(["--config", str(saved), "--trainer.logger=false"], run=False)
+    assert cli.model.trainer_type == "nft"
+    main(["--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range=null", "--trainer.logger=false"], run=False)
 
 
 @pytest.mark.parametrize("option, value", [

@@ -1,0 +1,205 @@
+"""The README is run, not just read: every code block executes, every test it names exists, the migration table
+matches the code, the pictures it shows are in the repo."""
+
+import ast
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_cli import tiny_overrides
+
+from flowrl.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+BLOCKS = [(lang, code) for lang, code in re.findall(r"^ *```(\w+)\n(.*?)^ *```", README, re.S | re.M)]
+SETUP = "bash scripts/setup.sh && "
+
+
+def dedent(code: str) -> str:
+    """A block inside a list item is indented as the item's text."""
+    lines = code.splitlines()
+    indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()), default=0)
+    return "\n".join(line[indent:] for line in lines) + "\n"
+
+
+def blocks(lang: str) -> list[str]:
+    return [dedent(code) for kind, code in BLOCKS if kind == lang]
+
+
+def test_the_readme_has_its_code_blocks():
+    assert {kind for kind, _ in BLOCKS} <= {"bash", "python", "yaml"}, "a block of a language this test cannot run"
+    assert len(blocks("bash")) >= 3 and len(blocks("python")) >= 3 and blocks("yaml")
+
+
+@pytest.fixture
+def in_a_user_checkout(tmp_path, monkeypatch):
+    """A working directory where the README's relative paths (lightning_configs/, examples/) resolve."""
+    for name in ("lightning_configs", "examples", "scripts"):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_block_runs(index, in_a_user_checkout):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "examples")])}
+    result = subprocess.run([sys.executable, "-c", blocks("python")[index]], cwd=in_a_user_checkout, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("index", range(len(blocks("yaml"))))
+def test_yaml_block_is_a_valid_config_overlay(index, in_a_user_checkout):
+    """A README config fragment, added after the main job's config, builds the model it describes."""
+    overlay = in_a_user_checkout / "overlay.yaml"
+    overlay.write_text(blocks("yaml")[index])
+    cli = main(["--config", "lightning_configs/toy/nft.yaml", "--config", str(overlay), "--trainer.logger=false"],
+               run=False)
+    for key, value in yaml.safe_load(blocks("yaml")[index])["model"].items():
+        if not isinstance(value, (list, dict)):
+            assert getattr(cli.model, key) == value
+
+
+def commands() -> list[list[str]]:
+    """The shell commands of the README's bash blocks, one per line, with the set-up prefix removed."""
+    found = []
+    for block in blocks("bash"):
+        for line in block.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                found.append(line.removeprefix(SETUP))
+    return found
+
+
+def test_the_suite_command_is_what_ci_runs():
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    suite = [c for c in commands() if "pytest" in c]
+    assert suite == [".venv/bin/python -m pytest"]
+    assert SETUP + suite[0] in ci
+
+
+def test_the_flowrl_commands_run_in_order(in_a_user_checkout, prompt_file, capsys):
+    """The README's flowrl commands, one after the other in one checkout (each fit shrunk to two iterations): the
+    main job, then the LoRA run, its export and the grid of the exported LoRA in a stock pipeline."""
+    ran = []
+    for command in commands():
+        argv = shlex.split(command)
+        if argv[0] != ".venv/bin/flowrl":
+            continue
+        args = argv[1:]
+        if args[0] == "fit":
+            config = args[args.index("--config") + 1]
+            args += tiny_overrides(os.path.join(ROOT, config), None, prompt_file)
+        main(args)
+        ran.append(args[0])
+    assert ran == ["fit", "fit", "export", "sample"]
+    out = capsys.readouterr().out
+    assert "exported LoRA" in out and "mean reward" in out
+    assert (in_a_user_checkout / "runs" / "toy-lora" / "samples" / "grid.png").is_file()
+    assert (in_a_user_checkout / "runs" / "toy-nft" / "logs" / "version_0" / "curves.png").is_file()
+
+
+def test_every_test_the_readme_names_exists():
+    named = set(re.findall(r"(test_\w+\.py)(?:::(\w+))?", README))
+    assert len(named) > 40
+    missing = []
+    for path, function in named:
+        full = os.path.join(ROOT, "tests", path)
+        if not os.path.isfile(full):
+            missing.append(path)
+        elif function:
+            tree = ast.parse(open(full, encoding="utf-8").read())
+            if function not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}:
+                missing.append(f"{path}::{function}")
+    assert not missing, f"the README names tests that do not exist: {sorted(missing)}"
+
+
+def test_every_picture_and_file_the_readme_links_exists():
+    links = re.findall(r"\]\(((?!http|#)[^)]+)\)", README)
+    assert links
+    assert not [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
+
+
+# -------------------------------------------------------------------------------------------- the migration table
+def migration_rows() -> list[tuple[str, str, str]]:
+    section = README.split("## Coming from Flow-Factory", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `")]
+    return [tuple(row) for row in rows]
+
+
+def effective_default(cls, name):
+    """The default of option ``name`` for class ``cls``: the first ``__init__`` along the MRO that declares it."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and name in inspect.signature(init).parameters:
+            return inspect.signature(init).parameters[name].default
+    raise AssertionError(f"{cls.__name__} has no option {name}")
+
+
+def code(cell: str):
+    return yaml.safe_load(cell.strip("`"))
+
+
+#: every option the Flow-Factory user guide (``../shared/seed/``, not part of this repository) configures in its
+#: ``train:`` / ``eval:`` / ``scheduler:`` examples or names in its text
+GUIDE_OPTIONS = {
+    "trainer_type", "dynamics_type", "train_steps", "num_train_steps", "resolution", "eval.resolution", "kl_type",
+    "kl_beta", "ref_param_device", "num_train_timesteps", "time_sampling_strategy", "time_shift",
+    "timestep_fraction", "off_policy", "ema_decay_schedule", "ema_decay", "ema_update_interval", "ema_device",
+    "flat_steps", "ramp_rate", "ema_kl_beta", "clip_range", "adv_clip_range", "awm_weighting", "ghuber_power",
+}
+
+
+def test_migration_table_covers_every_option_the_guide_names():
+    options = {row[0].strip("`") for row in migration_rows()}
+    assert GUIDE_OPTIONS <= options, f"not in the migration table: {sorted(GUIDE_OPTIONS - options)}"
+    assert "advantage_aggregation" in options and "noise_level" in options
+
+
+@pytest.mark.parametrize("row", migration_rows(), ids=lambda r: r[0].strip("`"))
+def test_migration_row_matches_the_code(row):
+    import callbacks
+    from flowrl.algorithms import ALGORITHMS
+    from flowrl.algorithms.base import EvalConfig
+    from flowrl.algorithms.options import trainer_options
+    from flowrl.cli import DEFAULT_TRAINER_TYPE
+
+    _, where, default = row
+    if where == "`trainer_type`":
+        assert code(default) == DEFAULT_TRAINER_TYPE
+        return
+    callback = re.fullmatch(r"`callbacks\.(\w+)\((\w+)\)`", where)
+    if callback:
+        assert effective_default(getattr(callbacks, callback[1]), callback[2]) == code(default)
+        return
+    option = re.match(r"`model\.([\w.]+)`", where)[1]
+    if option == "eval.resolution":
+        assert EvalConfig().resolution is None and default.startswith("`null`")
+        return
+    # "grpo, grpo-guard: `x`; awm: `y`", or one value for every trainer that has the option
+    per_trainer = {}
+    for part in default.split(";"):
+        names, _, value = part.rpartition(":") if re.match(r"\s*[a-z-]+(, [a-z-]+)*: `", part) else ("", "", part)
+        value = re.match(r"\s*(`[^`]*`)", value)[1]
+        for trainer in (names.split(",") if names else ALGORITHMS):
+            per_trainer[trainer.strip()] = code(value)
+    users = [t for t, cls in ALGORITHMS.items() if option in trainer_options(cls)]
+    assert set(per_trainer) >= set(users) and users
+    for trainer in users:
+        assert effective_default(ALGORITHMS[trainer], option) == per_trainer[trainer], trainer
+
+
+def test_the_configuration_reference_is_generated_from_the_classes():
+    from flowrl.config_reference import reference
+
+    committed = open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8").read()
+    assert committed == reference(), "docs/configuration.md is stale: python -m flowrl.config_reference > docs/configuration.md"
+    assert "| `nft_beta` |" in committed and "| `ema_decay` |" in committed and "| `lora_rank` |" in committed
