@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
@@ -227,6 +228,7 @@ class FlowRLModule(L.LightningModule):
             for category in getattr(reward, "categories", ()):
                 self.val_metrics[f"{name}_acc_{category}"] = MeanMetric()
         self.iteration = 0
+        self._bad_loss: str | None = None  # a non-finite loss noted this iteration (several processes)
 
     def _save_plain_hyperparameters(self, policy, rewards) -> None:
         """Hyper-parameters as plain data (checkpoints then load with ``weights_only=True``)."""
@@ -493,36 +495,35 @@ class FlowRLModule(L.LightningModule):
         self._log_rewards(rewards if keep is None else rewards[keep])
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        n, micro = len(prompts), 0
+        n, gas = len(prompts), self.gradient_accumulation_steps
         logs: dict[str, list[torch.Tensor]] = {}
         first_update_ratios: list[torch.Tensor] = []  # before the iteration's first optimizer step
         units = self.training_units(rollout)
+        plan = []  # (inner epoch, sample indices) of every micro-batch of the iteration
         for epoch in range(self.num_inner_epochs):
             # The first epoch keeps the rollout's batching: on-policy log-probs reproduce exactly.
             gen = self._generator(self.iteration, epoch, 104729)
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
             for sl in self._chunks(n):
                 idx = order[sl] if keep is None else order[sl][keep[order[sl]]]
-                if not len(idx):
-                    continue
-                for unit in units:
-                    out = self.training_loss(rollout, advantages, idx, unit)
-                    loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite loss {loss.item()} at iteration {self.iteration}; no update was made. "
-                            "Lower the learning rate or check the reward and the inputs."
-                        )
-                    self.manual_backward(loss / (len(units) * self.gradient_accumulation_steps))
-                    for k, v in out.items():
-                        logs.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
-                    if micro < self.gradient_accumulation_steps and epoch == 0 and "ratio" in out:
-                        first_update_ratios.append(out["ratio"].detach().double().reshape(-1).cpu())
-                micro += 1
-                if micro % self.gradient_accumulation_steps == 0:
-                    self._optimizer_step(optimizer, scheduler, logs)
-        if micro % self.gradient_accumulation_steps:
-            self._optimizer_step(optimizer, scheduler, logs)
+                if len(idx):
+                    plan.append((epoch, idx))
+        self._bad_loss = None
+        for micro, (epoch, idx) in enumerate(plan):
+            # The last micro-batch of an optimizer step: its last backward all-reduces the accumulated gradients
+            # (DDP); the others accumulate locally (no_sync).
+            steps_now = (micro + 1) % gas == 0 or micro == len(plan) - 1
+            for u, unit in enumerate(units):
+                out = self.training_loss(rollout, advantages, idx, unit)
+                loss = out["loss"]
+                self._check_loss(loss)
+                self._backward(loss / (len(units) * gas), sync=steps_now and u == len(units) - 1)
+                for k, v in out.items():
+                    logs.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
+                if micro < gas and epoch == 0 and "ratio" in out:
+                    first_update_ratios.append(out["ratio"].detach().double().reshape(-1).cpu())
+            if steps_now:
+                self._optimizer_step(optimizer, scheduler, logs)
         if first_update_ratios:
             # On-policy the first update reproduces the rollout's log-probs: any deviation from 1 is a mismatch
             # between training and rollout (precision, batching), the diagnostic the papers' users watch.
@@ -531,13 +532,42 @@ class FlowRLModule(L.LightningModule):
         self._log_train(logs)
         self.iteration += 1
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """A non-finite loss raises before its backward. With several processes every rank must take part in every
+        backward's all-reduce, so the loss is only noted here and every rank raises at the optimizer step."""
+        if torch.isfinite(loss):
+            return
+        message = (f"non-finite loss {loss.item()} at iteration {self.iteration}; no update was made. "
+                   "Lower the learning rate or check the reward and the inputs.")
+        if self._world_size() == 1:
+            raise FloatingPointError(message)
+        self._bad_loss = self._bad_loss or message
+
+    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
+        """``manual_backward``; without ``sync`` under DDP, no gradient all-reduce (an accumulation micro-step)."""
+        strategy = self.trainer.strategy
+        if sync or not isinstance(strategy, ParallelStrategy):
+            self.manual_backward(loss)
+            return
+        with strategy.block_backward_sync():
+            self.manual_backward(loss)
+
     def _optimizer_step(self, optimizer, scheduler, logs):
         # The norm is measured before clipping, so an explosion shows in train/grad_norm.
         grads = [p.grad for p in self.policy.trainable_parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-        if not torch.isfinite(norm):
+        bad = self._bad_loss is not None or not bool(torch.isfinite(norm))
+        if self._world_size() > 1:  # every rank decides alike (sharded gradients may differ in finiteness)
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}; no update was made")
+            if self._bad_loss is not None:
+                raise FloatingPointError(self._bad_loss)
+            raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}"
+                                     f"{'' if self._world_size() == 1 else ' (on some process)'}; no update was made")
         logs.setdefault("grad_norm", []).append(norm.detach().reshape(-1).cpu())
         clipped = bool(self.max_grad_norm) and bool(norm > self.max_grad_norm)
         logs.setdefault("grad_clipped", []).append(torch.tensor([float(clipped)]))
@@ -555,13 +585,17 @@ class FlowRLModule(L.LightningModule):
         ``scored``: the ``(total, valid, errors)`` already computed (asynchronous scoring)."""
         total, valid, errors = scored if scored is not None else self.reward_fn.score(images, prompts, group_ids)
         if self.on_reward_error == "stop":
-            if errors:
-                raise RewardError(self.reward_fn.stop_message(errors))
+            # With several processes all of them stop, not only the one whose reward failed (the others would
+            # wait in the next collective until the timeout).
+            failed = bool(errors) if self._world_size() == 1 else \
+                self.trainer.strategy.reduce_boolean_decision(bool(errors), all=False)
+            if failed:
+                raise RewardError(self.reward_fn.stop_message(errors) if errors else
+                                  "the reward failed on another process; training stops there and here, no update made")
             return total, None
         keep = ~torch.isin(group_ids, group_ids[~valid])  # samples whose whole group scored
-        if self._trainer is not None and self.trainer.world_size > 1:
-            any_failed = self.all_gather(torch.tensor(float(not valid.all()), device=self.device)).max()
-            keep = torch.zeros_like(keep) if any_failed > 0 else keep
+        if self._world_size() > 1 and self.trainer.strategy.reduce_boolean_decision(not bool(valid.all()), all=False):
+            keep = torch.zeros_like(keep)
         skipped = int(torch.unique(group_ids[~keep]).numel())
         self.log("train/reward_skipped_groups", float(skipped), batch_size=len(prompts))
         if errors:
