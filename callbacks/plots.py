@@ -65,8 +65,9 @@ class SamplePlots(pl.Callback):
         row = {k: float(v) for k, v in metrics.items()}
         if row:
             self.val_history.append({"step": trainer.global_step, **row})
+        out = self._out_dir(trainer)  # on every process: trainer.log_dir is a collective under DDP
         if trainer.global_rank == 0:
-            self.write(trainer)
+            self.write(trainer, out)
             self._log_images(trainer)
 
     def state_dict(self):
@@ -77,12 +78,15 @@ class SamplePlots(pl.Callback):
         self.val_history = state_dict.get("val_history", [])
 
     def on_fit_end(self, trainer, pl_module):
+        out = self._out_dir(trainer)
         if trainer.global_rank == 0:
-            self.write(trainer, latest_grid=False)  # the training curve's last points
+            self.write(trainer, out, latest_grid=False)  # the training curve's last points
 
-    def write(self, trainer, latest_grid: bool = True) -> None:
-        """history.json, curves.png and the sample grids, into ``dirpath`` (default: the trainer's log folder)."""
-        out = self.dirpath or trainer.log_dir or trainer.default_root_dir
+    def _out_dir(self, trainer) -> str:
+        return self.dirpath or trainer.log_dir or trainer.default_root_dir
+
+    def write(self, trainer, out: str, latest_grid: bool = True) -> None:
+        """history.json, curves.png and the sample grids, into ``out`` (rank 0 only)."""
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "history.json"), "w") as f:
             json.dump({"train": self.train_history, "val": self.val_history}, f, indent=1)

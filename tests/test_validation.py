@@ -64,8 +64,8 @@ def test_sample_plots_write_curves_and_grids_at_every_validation(module, tmp_pat
     from callbacks import SamplePlots
 
     class Recording(SamplePlots):
-        def write(self, trainer, latest_grid=True):
-            super().write(trainer, latest_grid)
+        def write(self, trainer, out, latest_grid=True):
+            super().write(trainer, out, latest_grid)
             history = json.loads((tmp_path / "plots" / "history.json").read_text())
             self.written.append((trainer.global_step, len(history["val"])))
 

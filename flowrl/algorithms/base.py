@@ -566,8 +566,10 @@ class FlowRLModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             if self._bad_loss is not None:
                 raise FloatingPointError(self._bad_loss)
-            raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}"
-                                     f"{'' if self._world_size() == 1 else ' (on some process)'}; no update was made")
+            if self._world_size() > 1 and bool(torch.isfinite(norm)):
+                raise FloatingPointError(f"a non-finite loss or gradient on another process at iteration "
+                                         f"{self.iteration}; no update was made on any process")
+            raise FloatingPointError(f"non-finite gradient at iteration {self.iteration}; no update was made")
         logs.setdefault("grad_norm", []).append(norm.detach().reshape(-1).cpu())
         clipped = bool(self.max_grad_norm) and bool(norm > self.max_grad_norm)
         logs.setdefault("grad_clipped", []).append(torch.tensor([float(clipped)]))
@@ -653,8 +655,13 @@ class FlowRLModule(L.LightningModule):
         sanity-check run before training (Lightning does not log that one)."""
         values: dict[str, torch.Tensor] = {}
         by_reward: dict[str, list[torch.Tensor]] = {}
-        for key, metric in self.val_metrics.items():
-            if not metric.update_called:
+        # compute() all-gathers across processes: every process computes the metrics any process updated (a
+        # category may be missing from one process's share of the prompts), in the same order, or they hang.
+        updated = torch.tensor([float(m.update_called) for m in self.val_metrics.values()], device=self.device)
+        if self._world_size() > 1:
+            updated = self.trainer.strategy.reduce(updated, reduce_op="sum")
+        for (key, metric), any_updated in zip(self.val_metrics.items(), updated.tolist()):
+            if not any_updated:
                 continue
             values[f"val/{key}"] = metric.compute()
             if "_acc_" in key:
