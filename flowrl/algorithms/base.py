@@ -22,6 +22,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from callbacks import ReferenceModel, enter_sampling_contexts
 from flowrl.advantages import ADVANTAGE_AGGREGATIONS, gdpo_advantages, group_advantages
+from flowrl.checkpoint import use_atomic_checkpoints
 from flowrl.dynamics import ODE, build_dynamics
 from flowrl.dynamics.selection import StepSelector
 from flowrl.errors import ConfigError
@@ -321,6 +322,7 @@ class FlowRLModule(L.LightningModule):
         if data_group is not None and data_group != self.group_size:
             raise ConfigError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
         self._check_kl_reference()
+        use_atomic_checkpoints(self.trainer)  # a run killed while saving keeps its last checkpoint readable
 
     def on_save_checkpoint(self, checkpoint):
         trained = {n for n, _ in self.named_parameters() if _.requires_grad}
