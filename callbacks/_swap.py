@@ -12,9 +12,21 @@ from contextlib import contextmanager
 import torch
 
 __all__ = ["SAME_AS_MODEL", "check_device_option", "copy_trained_parameters", "named_parameters_of",
-           "restore_parameters", "swap_parameters"]
+           "refuse_sharded_parameters", "restore_parameters", "swap_parameters"]
 
 SAME_AS_MODEL = "same_as_model"
+
+
+def refuse_sharded_parameters(strategy, what: str) -> None:
+    """Raise a ``ValueError`` at start-up under a strategy that shards parameters (FSDP, DeepSpeed, model
+    parallel): ``what`` keeps a whole copy of every trained parameter, which a process there does not hold."""
+    sharding = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+    if any(name in type(strategy).__name__ for name in sharding):
+        raise ValueError(
+            f"{what} keeps a full copy of the trained parameters, which {type(strategy).__name__} shards across "
+            "processes; it does not support this strategy yet. Use strategy: ddp (with LoRA a KL reference "
+            "needs no copy), or leave the callback out."
+        )
 
 
 def check_device_option(option: str, value: str) -> None:

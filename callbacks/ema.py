@@ -21,7 +21,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._swap import check_device_option, copy_trained_parameters, named_parameters_of, swap_parameters
+from ._swap import (
+    check_device_option,
+    copy_trained_parameters,
+    named_parameters_of,
+    refuse_sharded_parameters,
+    swap_parameters,
+)
 
 __all__ = ["EMA", "EMA_DECAY_SCHEDULES", "decay_at"]
 
@@ -305,6 +311,10 @@ class EMA(pl.Callback):
         self.num_updates += 1
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled:
+            refuse_sharded_parameters(trainer.strategy, "callbacks.EMA")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._backup = None
         self._validation_swap = None

@@ -29,7 +29,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._swap import check_device_option, copy_trained_parameters, named_parameters_of, swap_parameters
+from ._swap import (
+    check_device_option,
+    copy_trained_parameters,
+    named_parameters_of,
+    refuse_sharded_parameters,
+    swap_parameters,
+)
 
 __all__ = ["KL_TYPES", "ReferenceModel"]
 
@@ -147,6 +153,8 @@ class ReferenceModel(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = False
         self.build(pl_module)
+        if self._ref:  # a copy of the trained parameters (full fine-tuning); a LoRA reference needs none
+            refuse_sharded_parameters(trainer.strategy, "callbacks.ReferenceModel (full fine-tuning)")
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._apply_state(state)

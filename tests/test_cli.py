@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
 #: overlays (a few lines added after a whole config with a second --config) and the config each is tested on
 OVERLAYS = {os.path.join(ROOT, "lightning_configs", "toy", "lora.yaml"): os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")}
-CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS]
+#: strategy presets for GPUs (tests/test_strategies.py parses them; no GPU here to run them)
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "strategies", "*.yaml")))
+CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS and c not in PRESETS]
 
 
 def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list[str]:
@@ -51,7 +53,8 @@ def test_every_config_is_whole_or_a_tested_overlay():
 
     for config in ALL_CONFIGS:
         whole = "trainer_type" in (yaml.safe_load(open(config, encoding="utf-8")) or {})
-        assert whole != (config in OVERLAYS), f"{config}: a whole config sets trainer_type; an overlay is in OVERLAYS"
+        assert whole != (config in OVERLAYS or config in PRESETS), \
+            f"{config}: a whole config sets trainer_type; an overlay is in OVERLAYS, a strategy preset in PRESETS"
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS), ids=lambda c: os.path.relpath(c, ROOT))
