@@ -91,12 +91,14 @@ class GroupBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, num_prompts: int, group_size: int, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, start: int = 0):
         validate_group_batch(group_size, batch_size)
         self.num_prompts, self.group_size = num_prompts, group_size
         self.prompts_per_batch = batch_size // group_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epoch = 0
+        #: batches already trained on, over all epochs (a resumed run): the first ``start`` are not served again
+        self.start = int(start)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,6 +115,8 @@ class GroupBatchSampler(Sampler[list[tuple[int, int]]]):
         per_global = self.prompts_per_batch * self.world_size
         order = order + order * math.ceil(max(0, len(self) * per_global - len(order)) / len(order))
         for b in range(len(self)):
+            if self.epoch * len(self) + b < self.start:
+                continue  # served before the run was interrupted
             chunk = order[b * per_global:(b + 1) * per_global]
             start = self.rank * self.prompts_per_batch
             batch = []
@@ -175,9 +179,20 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def state_dict(self) -> dict:
+        """How many training batches the run has taken: a resumed run continues with the next one, not with the
+        first of the interrupted epoch (saved in every checkpoint by Lightning)."""
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.ready if trainer is not None else 0
+        return {"train_batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._start = int(state_dict.get("train_batches_done", 0))
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = GroupBatchSampler(len(self.train_prompts), self.group_size, self.batch_size, True, self.seed, rank, world)
+        sampler = GroupBatchSampler(len(self.train_prompts), self.group_size, self.batch_size, True, self.seed, rank,
+                                    world, start=getattr(self, "_start", 0))
         return DataLoader(PromptDataset(self.train_prompts), batch_sampler=sampler, collate_fn=collate_prompts,
                           num_workers=self.num_workers)
 

@@ -90,10 +90,17 @@ def test_generate_with_stock_diffusers_from_an_export(prompt_file, tmp_path, mon
 
 
 def test_new_algorithm_trains_with_the_base_loop():
-    import new_algorithm
+    from flowrl.algorithms import ALGORITHMS
 
-    trainer = new_algorithm.main(steps=2)
-    assert trainer.global_step == 2
-    assert trainer.logged_metrics["train/ratio_first_update_max_abs_dev"] == 0
-    assert "reinforce" in new_algorithm.ALGORITHMS
-    sys.modules.pop("new_algorithm")
+    before = dict(ALGORITHMS)
+    try:
+        import new_algorithm
+
+        trainer = new_algorithm.main(steps=2)
+        assert trainer.global_step == 2
+        assert trainer.logged_metrics["train/ratio_first_update_max_abs_dev"] == 0
+        assert ALGORITHMS["reinforce"] is new_algorithm.Reinforce
+    finally:  # the registration is the example's; the other tests see the shipped trainers only
+        ALGORITHMS.clear()
+        ALGORITHMS.update(before)
+        sys.modules.pop("new_algorithm", None)
