@@ -137,26 +137,59 @@ class SamplePlots(pl.Callback):
         plt.close(fig)
 
     def plot_grid(self, path: str, rows: list | None = None) -> None:
-        """A grid of ``rows`` (``[(label, (images, prompts)), ...]``; default: before and after)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        """A grid of ``rows`` (``[(label, (images, prompts)), ...]``; default: before and after): one grid row of up
+        to 8 images per label, each image captioned with its prompt."""
         rows = rows or [("before", self.first_samples), ("after", self.last_samples)]
-        n = len(rows[0][1][1])
-        cols = min(8, n)
-        per = math.ceil(n / cols)
-        fig, axes = plt.subplots(len(rows) * per, cols, figsize=(1.6 * cols, 1.8 * len(rows) * per), squeeze=False)
-        for r, (label, (images, prompts)) in enumerate(rows):
-            for i in range(per * cols):
-                ax = axes[r * per + i // cols][i % cols]
-                ax.axis("off")
-                if i < len(prompts):
-                    img = images[i]
-                    img = img[0] if img.ndim == 4 else img  # first frame of a video
-                    ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-                    ax.set_title(f"{label}: {prompts[i]}", fontsize=5)
-        fig.tight_layout()
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        per_row = min(8, len(rows[0][1][1]))
+        images, captions, labels = [], [], []
+        for label, (imgs, prompts) in rows:
+            imgs = imgs[:, 0] if imgs.ndim == 5 else imgs  # first frame of a video
+            for start in range(0, len(prompts), per_row):
+                chunk = list(range(start, min(start + per_row, len(prompts))))
+                images += [imgs[i] for i in chunk] + [torch.zeros_like(imgs[0])] * (per_row - len(chunk))
+                captions += [prompts[i] for i in chunk] + [""] * (per_row - len(chunk))
+                labels.append(label)
+        save_grid(torch.stack(images), path, per_row, captions=captions, row_labels=labels, label_width=60)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
+
+
+def save_grid(images: torch.Tensor, path: str, per_row: int, captions=None, row_labels=None,
+              min_cell: int = 128, label_width: int = 160) -> str:
+    """Images ``(N, C, H, W)`` in [0, 1] as a PNG grid of ``per_row`` columns, enlarged (nearest neighbour) to at
+    least ``min_cell`` pixels, a caption under each image and a label left of each row (wrapped text).
+
+    Drawn with Pillow (which matplotlib depends on) rather than a matplotlib figure: ten times faster, and it runs
+    at every validation."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pictures = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    scale = max(1, math.ceil(min_cell / max(pictures[0].size)))
+    w, h = pictures[0].width * scale, pictures[0].height * scale
+    chars = max(8, w // 6)
+    caption_lines = max((len(_wrap(c, chars)) for c in captions or [""]), default=0)
+    caption_h, pad = (12 * min(caption_lines, 3) + 2 if captions else 0), 4
+    label_w = label_width if row_labels else 0
+    rows = math.ceil(len(pictures) / per_row)
+    grid = Image.new("RGB", (label_w + per_row * (w + pad), rows * (h + caption_h + pad)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, picture in enumerate(pictures):
+        r, c = divmod(i, per_row)
+        x, y = label_w + c * (w + pad), r * (h + caption_h + pad)
+        grid.paste(picture.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
+        if captions and captions[i]:
+            draw.multiline_text((x + 1, y + h + 1), "\n".join(_wrap(str(captions[i]), chars)[:3]), fill="black",
+                                font=font, spacing=1)
+        if row_labels and c == 0:
+            draw.multiline_text((4, y + 4), "\n".join(_wrap(row_labels[r], label_w // 6)), fill="black", font=font)
+    grid.save(path)
+    return path

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -28,9 +27,10 @@ from collections.abc import Sequence
 import torch
 import yaml
 
+from callbacks.plots import save_grid
 from flowrl.errors import ConfigError
 
-__all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "save_grid", "sample_main"]
+__all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "sample_main"]
 
 GRID = "grid.png"
 SCORES = "scores.json"
@@ -117,36 +117,6 @@ def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int 
         bar.update(len(batch))
     bar.close()
     return torch.cat(out)
-
-
-def save_grid(images: torch.Tensor, prompts: Sequence[str], path: str, per_row: int, scores=None,
-              min_cell: int = 128) -> str:
-    """A PNG grid: one row per prompt (its text on the left), ``per_row`` images each, a score under each image
-    (small images are enlarged, nearest neighbour, to ``min_cell`` pixels)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from flowrl.rewards.base import to_pil
-
-    pictures = to_pil(images)
-    scale = max(1, math.ceil(min_cell / max(pictures[0].size)))
-    w, h = pictures[0].width * scale, pictures[0].height * scale
-    label_w, caption_h, pad = 220, 14 if scores is not None else 0, 4
-    rows = math.ceil(len(pictures) / per_row)
-    grid = Image.new("RGB", (label_w + per_row * (w + pad), rows * (h + caption_h + pad)), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for i, picture in enumerate(pictures):
-        r, c = divmod(i, per_row)
-        x, y = label_w + c * (w + pad), r * (h + caption_h + pad)
-        grid.paste(picture.resize((w, h), Image.NEAREST), (x, y))
-        if scores is not None:
-            draw.text((x + 2, y + h + 1), f"{float(scores[i]):.3f}", fill="black", font=font)
-        if c == 0:
-            words, lines = prompts[i].split(), [""]
-            for word in words:  # wrap the prompt into the label column
-                lines[-1:] = [lines[-1] + " " + word] if len(lines[-1]) + len(word) < 34 else [lines[-1], word]
-            draw.multiline_text((4, y + 4), "\n".join(line.strip() for line in lines), fill="black", font=font)
-    grid.save(path)
-    return path
 
 
 def _reward(entries: Sequence[str]):
@@ -261,7 +231,8 @@ def sample_main(argv: Sequence[str]) -> dict:
     for record, picture in zip(records, to_pil(images)):
         record["image"] = os.path.join("images", f"{record['index']:04d}.png")
         picture.save(os.path.join(args.out, record["image"]))
-    save_grid(images, expanded, os.path.join(args.out, GRID), args.num_per_prompt, scores)
+    save_grid(images, os.path.join(args.out, GRID), args.num_per_prompt, row_labels=expanded[::args.num_per_prompt],
+              captions=[f"{float(v):.3f}" for v in scores] if scores is not None else None)
     summary = {"source": {"model": args.model, "lora": args.lora, "ckpt_path": args.ckpt_path, "ema": args.ema},
                "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                "mean_reward": float(scores.mean()) if scores is not None else None, "images": records}

@@ -96,20 +96,6 @@ def main():
         BACKWARDS.append((sync, BUCKETS["n"] - before))
 
     FlowRLModule._backward = counted_backward
-    if "--nan-loss-on-rank1" in overrides:  # a non-finite loss on one process only
-        overrides.remove("--nan-loss-on-rank1")
-        args.remove("--nan-loss-on-rank1")
-        from flowrl.algorithms import GRPO
-
-        plain_loss = GRPO.training_loss
-
-        def nan_on_rank1(self, *a):
-            out = plain_loss(self, *a)
-            if self.global_rank == 1:
-                out["loss"] = out["loss"] * float("nan")
-            return out
-
-        GRPO.training_loss = nan_on_rank1
     cli = cli_module.main(args, run=False)
     trainer = cli.trainer
     assert trainer.world_size == 1 or isinstance(trainer.strategy, DDPStrategy)

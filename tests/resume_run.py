@@ -61,7 +61,7 @@ def main():
             if trainer.global_step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    args = ["--config", config, *tiny_overrides(config, None, prompts), "--trainer.max_steps=4",
+    args = ["--config", config, *tiny_overrides(config, None, prompts), "--trainer.max_steps=3",
             "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             "--data.batch_size=4", "--model.train_batch_size=4", *rest]
     cli = flowrl_main(args, run=False)

@@ -16,24 +16,36 @@ GRPO = os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml")
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
 
 
-def run(out, *overrides, timeout=240):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+def launch(out, *overrides):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+           "OMP_NUM_THREADS": "1"}  # one thread per process: the runs of this file go at once on two cores
+    out.mkdir(parents=True)
+    return subprocess.Popen([sys.executable, SCRIPT, str(out), GRPO, *DDP, *overrides], env=env, cwd=out.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait(process, out, timeout=240):
     try:
-        result = subprocess.run([sys.executable, SCRIPT, str(out), GRPO, *DDP, *overrides], env=env, cwd=out.parent,
-                                capture_output=True, text=True, timeout=timeout)
+        _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:  # a hang is the failure this file guards against
+        process.kill()
         subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
         raise AssertionError(f"the two processes did not finish within {timeout} s (a collective left waiting)") from e
     ranks = [json.load(open(out / f"rank{r}.json")) for r in (0, 1) if (out / f"rank{r}.json").exists()]
-    return result, ranks
+    return process.returncode, stderr, ranks
 
 
-def test_two_processes_train_in_step_and_finish(tmp_path):
-    """Gradient accumulation over two micro-batches and two trained steps: four backward passes an iteration, only
-    the last all-reduces (no_sync on the others); both processes end with identical parameters, exit status 0."""
-    result, ranks = run(tmp_path / "run", "--model.train_batch_size=2", "--model.gradient_accumulation_steps=2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Connection closed" not in result.stderr
+def test_two_processes_train_in_step_finish_and_stop_together_on_a_failure(tmp_path):
+    """Run 1: gradient accumulation over two micro-batches and two trained steps: four backward passes an
+    iteration, only the last all-reduces (no_sync on the others); both processes end with identical parameters,
+    exit status 0. Run 2, at the same time: the reward raises on rank 1 only; both processes stop, no update."""
+    runs = {"ok": launch(tmp_path / "ok", "--model.train_batch_size=2", "--model.gradient_accumulation_steps=2"),
+            "failing": launch(tmp_path / "failing", "--model.rewards=[{class_path: ddp_run.FailOnRank1}]")}
+    returncode, stderr, ranks = wait(runs["ok"], tmp_path / "ok")
+    failed_rc, failed_err, failed_ranks = wait(runs["failing"], tmp_path / "failing", timeout=120)
+
+    assert returncode == 0, stderr[-4000:]
+    assert "Connection closed" not in stderr
     assert len(ranks) == 2 and all(r["world_size"] == 2 and r["global_step"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"] and ranks[0]["abs_checksum"] == ranks[1]["abs_checksum"]
     for rank in ranks:
@@ -46,14 +58,43 @@ def test_two_processes_train_in_step_and_finish(tmp_path):
     for step0, step1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
         assert not set(step0["prompts"]) & set(step1["prompts"])
 
+    assert failed_rc != 0
+    assert "reward server of rank 1 is down" in failed_err and "the reward failed on another process" in failed_err
+    assert "[rank0]" in failed_err and "[rank1]" in failed_err  # both raised, neither was left waiting
+    assert not failed_ranks  # fit ended without reaching its end on either process
 
-@pytest.mark.parametrize("failure, message", [
-    ("--model.rewards=[{class_path: ddp_run.FailOnRank1}]", "reward server of rank 1 is down"),
-    ("--nan-loss-on-rank1", "non-finite loss nan"),
-], ids=["reward-raises", "nan-loss"])
-def test_a_failure_on_one_process_stops_both(tmp_path, failure, message):
-    result, ranks = run(tmp_path / "run", failure, timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "[rank0]" in result.stderr and "[rank1]" in result.stderr  # both raised, neither was left waiting
-    assert not ranks  # fit ended without reaching its end on either process
+
+class _TwoProcesses:
+    """What ``_check_loss`` / ``_optimizer_step`` ask of the trainer, for a process of a 2-process run whose
+    other process reports ``other_bad``."""
+
+    world_size = 2
+
+    def __init__(self, other_bad):
+        self.strategy = self
+        self.other_bad = other_bad
+
+    def reduce_boolean_decision(self, decision, all=True):
+        return bool(decision) or self.other_bad
+
+
+@pytest.mark.parametrize("here, there", [(True, False), (False, True)], ids=["nan-here", "nan-on-the-other"])
+def test_a_non_finite_loss_on_either_process_stops_both_at_the_optimizer_step(tiny_sd3_path, here, there):
+    """With several processes a NaN loss is noted, the backward still runs (the other process waits in its
+    all-reduce), and the decision to stop is taken together at the optimizer step, before any update."""
+    import torch
+    from tiny import make_module
+
+    from flowrl.algorithms import GRPO
+
+    module = make_module(GRPO, tiny_sd3_path)
+    module._trainer = _TwoProcesses(other_bad=there)
+    module._bad_loss = None
+    module._check_loss(torch.tensor(float("nan") if here else 1.0))  # no raise: the backward must still run
+    optimizer = torch.optim.SGD(list(module.policy.trainable_parameters()), lr=1.0)
+    for p in module.policy.trainable_parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in module.policy.trainable_parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite loss nan" if here else "on another process"):
+        module._optimizer_step(optimizer, None, {})
+    assert all(torch.equal(a, b) for a, b in zip(before, module.policy.trainable_parameters()))  # no update
