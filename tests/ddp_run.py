@@ -29,6 +29,7 @@ class FailOnRank1:
 
 BUCKETS = {"n": 0}
 BACKWARDS = []  # (sync asked, all-reduce buckets during that backward) of every backward pass
+ADVANTAGES = []  # this process's rewards and advantages, every iteration
 
 
 def counting_allreduce_hook(state, bucket):
@@ -67,7 +68,8 @@ class Record:
                     json.dump({"checksum": float(sum(p.sum() for p in params)),
                                "abs_checksum": float(sum(p.abs().sum() for p in params)),
                                "global_step": trainer.global_step, "world_size": trainer.world_size,
-                               "buckets": BUCKETS["n"], "backwards": BACKWARDS, "steps": record.steps}, f)
+                               "buckets": BUCKETS["n"], "backwards": BACKWARDS, "advantages": ADVANTAGES,
+                               "steps": record.steps}, f)
 
         return _Callback()
 
@@ -96,6 +98,14 @@ def main():
         BACKWARDS.append((sync, BUCKETS["n"] - before))
 
     FlowRLModule._backward = counted_backward
+    plain_advantages = FlowRLModule.compute_advantages
+
+    def recorded_advantages(self, rewards, group_ids, keep=None):
+        advantages = plain_advantages(self, rewards, group_ids, keep)
+        ADVANTAGES.append({"rewards": rewards.tolist(), "advantages": advantages.tolist()})
+        return advantages
+
+    FlowRLModule.compute_advantages = recorded_advantages
     cli = cli_module.main(args, run=False)
     trainer = cli.trainer
     assert trainer.world_size == 1 or isinstance(trainer.strategy, DDPStrategy)

@@ -16,12 +16,13 @@ GRPO = os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml")
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
 
 
-def launch(out, *overrides):
+def launch(out, *overrides, processes=2):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
            "OMP_NUM_THREADS": "1"}  # one thread per process: the runs of this file go at once on two cores
     out.mkdir(parents=True)
-    return subprocess.Popen([sys.executable, SCRIPT, str(out), GRPO, *DDP, *overrides], env=env, cwd=out.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    strategy = DDP if processes == 2 else ["--trainer.devices=1", "--trainer.accelerator=cpu"]
+    return subprocess.Popen([sys.executable, SCRIPT, str(out), GRPO, *strategy, *overrides], env=env,
+                            cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait(process, out, timeout=240):
@@ -98,3 +99,24 @@ def test_a_non_finite_loss_on_either_process_stops_both_at_the_optimizer_step(ti
     with pytest.raises(FloatingPointError, match="non-finite loss nan" if here else "on another process"):
         module._optimizer_step(optimizer, None, {})
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.trainable_parameters()))  # no update
+
+
+def test_two_processes_give_the_run_of_one(tmp_path):
+    """The same global batch of 8 (4 groups of 2) on one process (2 micro-batches accumulated) and on two (4 each):
+    the same samples, rewards and group advantages, and the same weights after the optimizer step."""
+    import torch
+
+    one = launch(tmp_path / "one", "--data.batch_size=8", "--model.train_batch_size=4",
+                 "--model.gradient_accumulation_steps=2", "--trainer.max_steps=1", processes=1)
+    two = launch(tmp_path / "two", "--data.batch_size=4", "--model.train_batch_size=4",
+                 "--model.gradient_accumulation_steps=1", "--trainer.max_steps=1")
+    rc1, err1, (single,) = wait(one, tmp_path / "one")
+    rc2, err2, ranks = wait(two, tmp_path / "two")
+    assert rc1 == 0 and rc2 == 0, (err1 + err2)[-4000:]
+    assert single["steps"][0]["prompts"] == ranks[0]["steps"][0]["prompts"] + ranks[1]["steps"][0]["prompts"]
+    both = {key: ranks[0]["advantages"][0][key] + ranks[1]["advantages"][0][key] for key in ("rewards", "advantages")}
+    assert single["advantages"][0]["rewards"] == both["rewards"]  # the same images: the same verifier scores
+    torch.testing.assert_close(torch.tensor(single["advantages"][0]["advantages"]), torch.tensor(both["advantages"]))
+    assert any(abs(a) > 0.1 for a in both["advantages"])  # something to learn from
+    assert single["checksum"] == pytest.approx(ranks[0]["checksum"], rel=1e-9, abs=1e-6)
+    assert single["abs_checksum"] == pytest.approx(ranks[0]["abs_checksum"], rel=1e-9)

@@ -28,16 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm"]
 
 # The short run: two single-object prompts the shipped model gets partly right (eval reward about 0.3: it often
-# draws the other shape), groups of 16, 8 iterations at three times each config's learning rate (DanceGRPO
-# twice: at 3 times one seed in three collapsed, at 1.5 times one did not learn). Measured over three seeds by
-# benchmarks/toy_learning_spread.py (benchmarks/toy_learning_spread.json): every config's smallest gain is far
-# above MARGIN, where the old four-prompt, 12-iteration check gained +0.02 (one seed lost reward).
+# draws the other shape), each listed twice so that an iteration holds four groups of 8 (DanceGRPO starts a whole
+# group from one noise: with two groups an iteration rested on two starting points, and one seed in three barely
+# learned), 8 iterations at three times each config's learning rate (DanceGRPO twice: at 3 times one seed in three
+# collapsed). Measured over three seeds by benchmarks/toy_learning_spread.py (benchmarks/toy_learning_spread.json):
+# every config's smallest gain is at least twice MARGIN.
 SETTINGS = {
-    "prompts": ["a circle", "a square"],
+    "prompts": ["a circle", "a square", "a circle", "a square"],
     "iterations": 8,
-    "group_size": 16,
+    "group_size": 8,
     "num_inference_steps": 6,
-    "eval_samples_per_prompt": 32,
+    "eval_samples_per_prompt": 16,
     # times the config's own learning rate ("default" unless the config is listed)
     "lr_scale": {"default": 3.0, "dance_grpo": 2.0},
 }

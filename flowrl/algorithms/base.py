@@ -363,6 +363,13 @@ class FlowRLModule(L.LightningModule):
         key = zlib.crc32(repr((self.seed, *salt)).encode())
         return torch.Generator().manual_seed(key)
 
+    def _sample_generators(self, n: int, *salt) -> list[torch.Generator]:
+        """One generator per sample of this process's batch of ``n``, keyed by the sample's index in the global
+        batch (``global_rank * n + j``): the draws do not depend on how many processes share the batch, nor on
+        the micro-batching."""
+        first = self.global_rank * n
+        return [self._generator(*salt, first + j) for j in range(n)]
+
     def _chunks(self, n: int) -> list[slice]:
         size = self.train_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -376,7 +383,7 @@ class FlowRLModule(L.LightningModule):
         width: int,
         num_inference_steps: int,
         guidance_scale: float,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
         train_steps: Sequence[int] = (),
         store: str = "final",
         latents: torch.Tensor | None = None,
@@ -387,14 +394,25 @@ class FlowRLModule(L.LightningModule):
         ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps.
         Forward passes go in chunks of ``train_batch_size`` so that training recomputes every
         log-prob in exactly the same batches (on-policy ratios are then exactly 1). ``on_chunk(slice, images)``
-        is called as each chunk's images are decoded.
+        is called as each chunk's images are decoded. ``generator``: one for the batch, or one per sample (each
+        sample's starting noise, then its step noise, from its own).
         """
         policy = self.policy
         n = len(prompts)
         cond = policy.encode_prompt(prompts)
         sigmas = policy.sigmas(num_inference_steps, height, width)
-        x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
-        noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
+        if isinstance(generator, torch.Generator):
+            x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
+            noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
+        else:
+            if len(generator) != n:
+                raise ValueError(f"{len(generator)} generators for {n} samples")
+            starts, noise = [], []
+            for g in generator:
+                starts.append(policy.prepare_latents(1, height, width, g))
+                noise.append(torch.randn((num_inference_steps, *starts[-1].shape), generator=g))
+            x = torch.cat(starts) if latents is None else latents.to(policy.device)
+            noise = torch.cat(noise, dim=1).to(x.device)
         trained = sorted(train_steps)
         keep = store == "trajectory" and trained
         lat, nxt, lps, means, finals, images = [], [], [], [], [], []
@@ -432,17 +450,20 @@ class FlowRLModule(L.LightningModule):
         group then differ only through the stochastic (trained) steps, so the group advantage credits
         those actions instead of the luck of the starting point."""
         steps = self.step_selector.select(self.iteration)
-        gen = self._generator(self.iteration, self.global_rank)
+        gens = self._sample_generators(len(prompts), self.iteration)
         latents = None
         if self.same_initial_noise and group_ids is not None:
-            _, member_of = torch.unique(torch.as_tensor(group_ids).cpu(), return_inverse=True)
-            latents = self.policy.prepare_latents(int(member_of.max()) + 1, self.height, self.width, gen)[member_of]
+            # one start per group, from a generator keyed by the group id (unique in the global batch)
+            ids = torch.as_tensor(group_ids).cpu().tolist()
+            starts = {gid: self.policy.prepare_latents(1, self.height, self.width,
+                                                       self._generator(self.iteration, "group", gid)) for gid in set(ids)}
+            latents = torch.cat([starts[gid] for gid in ids])
         was_training = self.policy.training
         self.policy.eval()
         try:
             with enter_sampling_contexts(self._trainer, self):
                 return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                                   gen, steps, "trajectory" if self.stores_trajectory else "final", latents,
+                                   gens, steps, "trajectory" if self.stores_trajectory else "final", latents,
                                    on_chunk)
         finally:
             self.policy.train(was_training)

@@ -165,11 +165,14 @@ class DecoupledModule(FlowRLModule):
 
         Called once per iteration, after the rollout and before any update."""
         n = rollout.final.shape[0]
-        gen = self._generator(self.iteration, self.global_rank, _TIMES_SALT)
-        times = sample_train_times(self.time_sampling_strategy, n, self.num_train_timesteps, rollout.sigmas,
-                                   self.time_shift, self.timestep_fraction, gen)
+        times, noise = [], []
+        for gen in self._sample_generators(n, self.iteration, _TIMES_SALT):  # per sample: as the rollout noise
+            times.append(sample_train_times(self.time_sampling_strategy, 1, self.num_train_timesteps, rollout.sigmas,
+                                            self.time_shift, self.timestep_fraction, gen))
+            noise.append(torch.randn((times[-1].shape[1], 1, *rollout.final.shape[1:]), generator=gen,
+                                     dtype=torch.float32))
+        times, noise = torch.cat(times), torch.cat(noise, dim=1)
         k_units = times.shape[1]
-        noise = torch.randn((k_units, *rollout.final.shape), generator=gen, dtype=torch.float32)
         device = rollout.final.device
         rollout.extras["times"] = times.to(device)
         rollout.extras["noise"] = noise.to(device)
