@@ -189,7 +189,19 @@ class PromptDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._start = int(state_dict.get("train_batches_done", 0))
 
+    def _refuse_lightnings_distributed_sampler(self) -> None:
+        """With several processes, Lightning's own sampler replacement would split groups (or fail to rebuild the
+        group sampler): this DataModule shards whole groups itself."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is not None and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ConfigError(
+                "PromptDataModule gives every process whole groups itself; create the Trainer with "
+                "use_distributed_sampler=False (flowrl fit does)"
+            )
+
     def train_dataloader(self) -> DataLoader:
+        self._refuse_lightnings_distributed_sampler()
         rank, world = self._rank_world()
         sampler = GroupBatchSampler(len(self.train_prompts), self.group_size, self.batch_size, True, self.seed, rank,
                                     world, start=getattr(self, "_start", 0))

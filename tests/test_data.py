@@ -67,3 +67,22 @@ def test_datamodule_batches(prompt_file):
     assert torch.equal(batch["group_id"], torch.tensor([0, 0, 1, 1]))
     val = list(dm.val_dataloader())
     assert [p for b in val for p in b["prompt"]] == ["a", "b", "c"]
+
+
+def test_lightnings_distributed_sampler_is_refused_with_several_processes():
+    """A user's own Trainer under DDP keeps Lightning's default use_distributed_sampler=True, whose sampler
+    replacement would split groups: the DataModule says what to set instead."""
+    from types import SimpleNamespace
+
+    from flowrl.data import PromptDataModule
+    from flowrl.errors import ConfigError
+
+    dm = PromptDataModule(["a red circle", "two blue squares"], group_size=2, batch_size=4)
+    for world, use, fails in [(2, True, True), (2, False, False), (1, True, False)]:
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=0,
+                                     _accelerator_connector=SimpleNamespace(use_distributed_sampler=use))
+        if fails:
+            with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+                dm.train_dataloader()
+        else:
+            assert len(list(dm.train_dataloader())) == 1
