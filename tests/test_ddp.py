@@ -36,14 +36,41 @@ def wait(process, out, timeout=240):
     return process.returncode, stderr, ranks
 
 
-def test_two_processes_train_in_step_finish_and_stop_together_on_a_failure(tmp_path):
-    """Run 1: gradient accumulation over two micro-batches and two trained steps: four backward passes an
-    iteration, only the last all-reduces (no_sync on the others); both processes end with identical parameters,
-    exit status 0. Run 2, at the same time: the reward raises on rank 1 only; both processes stop, no update."""
-    runs = {"ok": launch(tmp_path / "ok", "--model.train_batch_size=2", "--model.gradient_accumulation_steps=2"),
-            "failing": launch(tmp_path / "failing", "--model.rewards=[{class_path: ddp_run.FailOnRank1}]")}
+def world_size_runs(tmp_path):
+    return {"one": launch(tmp_path / "one", "--data.batch_size=8", "--model.train_batch_size=2",
+                          "--model.gradient_accumulation_steps=4", processes=1),
+            "ok": launch(tmp_path / "ok", "--data.batch_size=4", "--model.train_batch_size=2",
+                         "--model.gradient_accumulation_steps=2")}
+
+
+def check_world_size_invariance(runs, tmp_path):
+    import torch
+
+    rc1, err1, (single,) = wait(runs["one"], tmp_path / "one")
+    _, _, ranks = wait(runs["ok"], tmp_path / "ok")
+    assert rc1 == 0, err1[-4000:]
+    for it in range(2):
+        assert single["steps"][it]["prompts"] == ranks[0]["steps"][it]["prompts"] + ranks[1]["steps"][it]["prompts"]
+        both = {k: ranks[0]["advantages"][it][k] + ranks[1]["advantages"][it][k] for k in ("rewards", "advantages")}
+        assert single["advantages"][it]["rewards"] == both["rewards"]  # the same images: the same verifier scores
+        torch.testing.assert_close(torch.tensor(single["advantages"][it]["advantages"]),
+                                   torch.tensor(both["advantages"]))
+    assert any(abs(a) > 0.1 for a in both["advantages"])  # something to learn from
+    assert single["checksum"] == pytest.approx(ranks[0]["checksum"], rel=1e-8, abs=1e-6)
+    assert single["abs_checksum"] == pytest.approx(ranks[0]["abs_checksum"], rel=1e-8)
+
+
+def test_two_processes_give_the_run_of_one_and_stop_together(tmp_path):
+    """Three runs at once. Two processes, 4 samples each (two micro-batches of 2, two trained steps: four backward
+    passes an iteration, only the last all-reduces, no_sync on the others): identical parameters on both, exit
+    status 0, and the run of one process on the same global batch of 8 (four micro-batches accumulated): the same
+    samples, rewards and group advantages every iteration, the same weights after two optimizer steps. Third run:
+    the reward raises on rank 1 only; both processes stop, no update."""
+    runs = {"failing": launch(tmp_path / "failing", "--model.rewards=[{class_path: ddp_run.FailOnRank1}]"),
+            **world_size_runs(tmp_path)}
     returncode, stderr, ranks = wait(runs["ok"], tmp_path / "ok")
     failed_rc, failed_err, failed_ranks = wait(runs["failing"], tmp_path / "failing", timeout=120)
+    check_world_size_invariance(runs, tmp_path)
 
     assert returncode == 0, stderr[-4000:]
     assert "Connection closed" not in stderr
@@ -99,24 +126,3 @@ def test_a_non_finite_loss_on_either_process_stops_both_at_the_optimizer_step(ti
     with pytest.raises(FloatingPointError, match="non-finite loss nan" if here else "on another process"):
         module._optimizer_step(optimizer, None, {})
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.trainable_parameters()))  # no update
-
-
-def test_two_processes_give_the_run_of_one(tmp_path):
-    """The same global batch of 8 (4 groups of 2) on one process (2 micro-batches accumulated) and on two (4 each):
-    the same samples, rewards and group advantages, and the same weights after the optimizer step."""
-    import torch
-
-    one = launch(tmp_path / "one", "--data.batch_size=8", "--model.train_batch_size=4",
-                 "--model.gradient_accumulation_steps=2", "--trainer.max_steps=1", processes=1)
-    two = launch(tmp_path / "two", "--data.batch_size=4", "--model.train_batch_size=4",
-                 "--model.gradient_accumulation_steps=1", "--trainer.max_steps=1")
-    rc1, err1, (single,) = wait(one, tmp_path / "one")
-    rc2, err2, ranks = wait(two, tmp_path / "two")
-    assert rc1 == 0 and rc2 == 0, (err1 + err2)[-4000:]
-    assert single["steps"][0]["prompts"] == ranks[0]["steps"][0]["prompts"] + ranks[1]["steps"][0]["prompts"]
-    both = {key: ranks[0]["advantages"][0][key] + ranks[1]["advantages"][0][key] for key in ("rewards", "advantages")}
-    assert single["advantages"][0]["rewards"] == both["rewards"]  # the same images: the same verifier scores
-    torch.testing.assert_close(torch.tensor(single["advantages"][0]["advantages"]), torch.tensor(both["advantages"]))
-    assert any(abs(a) > 0.1 for a in both["advantages"])  # something to learn from
-    assert single["checksum"] == pytest.approx(ranks[0]["checksum"], rel=1e-9, abs=1e-6)
-    assert single["abs_checksum"] == pytest.approx(ranks[0]["abs_checksum"], rel=1e-9)
