@@ -31,7 +31,8 @@ import yaml
 
 from flowrl.errors import ConfigError
 
-__all__ = ["EXPORT_INFO", "export_checkpoint", "export_main", "export_policy", "load_trained_parameters"]
+__all__ = ["EXPORT_INFO", "export_checkpoint", "export_main", "export_policy", "load_checkpoint_module",
+           "load_trained_parameters"]
 
 #: the small description written next to the exported weights
 EXPORT_INFO = "flowrl_export.json"
@@ -120,16 +121,6 @@ def _save_full(policy, out_dir: str) -> dict[str, Any]:
         "load_with": "DiffusionPipeline.from_pretrained(<this directory>"
         + "".join(f", {n}=None" for n in nulls) + ")",
     }
-
-
-def _validation_sampling(module) -> dict[str, Any]:
-    """The run's validation sampling: steps, guidance, height and width."""
-    ev = module.eval_config
-    res = ev.resolution or [module.height, module.width]
-    height, width = (res, res) if isinstance(res, int) else (res[0], res[-1])
-    return {"num_inference_steps": ev.num_inference_steps or module.num_inference_steps,
-            "guidance_scale": module.guidance_scale if ev.guidance_scale is None else ev.guidance_scale,
-            "height": int(height), "width": int(width)}
 
 
 def _call_kwargs(pipeline, adapter) -> dict:
@@ -252,21 +243,28 @@ def load_trained_parameters(module, checkpoint: dict, state: dict[str, torch.Ten
         raise ConfigError(f"{source} does not match the config: unexpected {result.unexpected_keys[:3]}")
 
 
+def load_checkpoint_module(ckpt_path: str | os.PathLike, config: str | os.PathLike | Sequence[str | os.PathLike], *,
+                           overrides: Sequence[str] = (), ema: bool = False):
+    """``(module, checkpoint)``: the module built from the run's ``config`` as ``flowrl fit`` built it, with the
+    checkpoint's trained parameters (the EMA average with ``ema``) loaded, in eval mode."""
+    configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+    if not configs:
+        raise ConfigError("give the run's config (--config), so the model is built as flowrl fit built it")
+    checkpoint = _read_checkpoint(ckpt_path)
+    state = _ema_state(checkpoint) if ema else None
+    module = build_module(configs, overrides)
+    load_trained_parameters(module, checkpoint, state, source=f"checkpoint {os.fspath(ckpt_path)!r}")
+    return module.eval(), checkpoint
+
+
 def export_checkpoint(ckpt_path: str | os.PathLike, config: str | os.PathLike | Sequence[str | os.PathLike],
                       out_dir: str | os.PathLike, *, overrides: Sequence[str] = (), ema: bool = False,
                       overwrite: bool = False) -> str:
     """Export a ``flowrl fit`` checkpoint: build the module from ``config`` (one or several ``--config`` files of
     the run, e.g. its saved ``config.yaml``, plus command-line ``overrides``), load the checkpoint's trained
     parameters (the EMA average with ``ema``) and call :func:`export_policy`. Returns ``out_dir``."""
-    configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
-    if not configs:
-        raise ConfigError("give the run's config (--config), so the model is built as flowrl fit built it")
     _check_out_dir(out_dir, overwrite)
-    checkpoint = _read_checkpoint(ckpt_path)
-    state = _ema_state(checkpoint) if ema else None
-    module = build_module(configs, overrides)
-    load_trained_parameters(module, checkpoint, state, source=f"checkpoint {os.fspath(ckpt_path)!r}")
-    module.eval()
+    module, checkpoint = load_checkpoint_module(ckpt_path, config, overrides=overrides, ema=ema)
     policy_hp = dict(module.hparams.get("policy") or {}) if hasattr(module, "hparams") else {}
     extra = {
         "pretrained_model_name_or_path": policy_hp.get("pretrained_model_name_or_path"),
@@ -276,7 +274,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, config: str | os.PathLike | 
         "global_step": checkpoint.get("global_step"),
         "iteration": checkpoint.get("flowrl_iteration"),
         "weights": "ema" if ema else "live",
-        "sampling": _validation_sampling(module),  # flowrl sample's defaults for this export
+        "sampling": module.validation_sampling(),  # flowrl sample's defaults for this export
     }
     return export_policy(module.policy, out_dir, trainer_type=getattr(module, "trainer_type", None) or None,
                          extra=extra, overwrite=overwrite)

@@ -63,20 +63,6 @@ def load_sampling_pipeline(model: str | None = None, lora: str | None = None):
     return pipeline
 
 
-def _checkpoint_pipeline(ckpt_path: str, configs: Sequence[str], ema: bool):
-    """The policy pipeline of a ``flowrl fit`` checkpoint, and the module (its eval settings and rewards)."""
-    from flowrl.export import _ema_state, _read_checkpoint, build_module, load_trained_parameters
-
-    if not configs:
-        raise ConfigError("--ckpt_path needs the run's --config (its config.yaml), to build the model as it was trained")
-    checkpoint = _read_checkpoint(ckpt_path)
-    module = build_module(configs)
-    load_trained_parameters(module, checkpoint, _ema_state(checkpoint) if ema else None,
-                            source=f"checkpoint {ckpt_path!r}")
-    module.eval()
-    return module.policy.pipeline, module
-
-
 def conditioning_kwargs(pipeline, adapter=None) -> dict:
     """The ``pipeline(...)`` arguments that make its text context (T5 tokens) and frame count the ones flowrl
     trains with: an SD3 without T5 trains on 0 T5 tokens, where the stock call pads 256 zero tokens."""
@@ -193,10 +179,10 @@ def sample_main(argv: Sequence[str]) -> dict:
     if args.resolution:
         height, width = args.resolution[0], args.resolution[-1]
     if args.ckpt_path:
-        from flowrl.export import _validation_sampling
+        from flowrl.export import load_checkpoint_module
 
-        pipeline, module = _checkpoint_pipeline(args.ckpt_path, args.config, args.ema)
-        run_sampling = _validation_sampling(module)
+        module, _ = load_checkpoint_module(args.ckpt_path, args.config, ema=args.ema)
+        pipeline, run_sampling = module.policy.pipeline, module.validation_sampling()
         reward, adapter = reward or module.reward_fn, module.policy.adapter
     else:
         if args.config:

@@ -408,7 +408,7 @@ class FlowRLModule(L.LightningModule):
             if len(generator) != n:
                 raise ValueError(f"{len(generator)} generators for {n} samples")
             starts, noise = [], []
-            for g in generator:
+            for g in generator:  # the start is drawn even when ``latents`` are given: the step noise stays the same
                 starts.append(policy.prepare_latents(1, height, width, g))
                 noise.append(torch.randn((num_inference_steps, *starts[-1].shape), generator=g))
             x = torch.cat(starts) if latents is None else latents.to(policy.device)
@@ -650,13 +650,20 @@ class FlowRLModule(L.LightningModule):
         self.log("train/iteration", float(self.iteration), prog_bar=True)
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch, batch_idx):
-        prompts = batch["prompt"]
+    def validation_sampling(self) -> dict[str, Any]:
+        """Validation's sampling settings, ``eval`` where set, else the training values: ``num_inference_steps``,
+        ``guidance_scale``, ``height``, ``width`` (also what ``flowrl sample`` uses for a run's checkpoint)."""
         cfg = self.eval_config
         h, w = _hw(cfg.resolution or [self.height, self.width])
-        gen = self._generator(cfg.seed, batch_idx, self.global_rank, 7919)
-        out = self.sample(prompts, h, w, cfg.num_inference_steps or self.num_inference_steps,
-                          self.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale, gen)
+        return {"num_inference_steps": cfg.num_inference_steps or self.num_inference_steps,
+                "guidance_scale": self.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale,
+                "height": h, "width": w}
+
+    def validation_step(self, batch, batch_idx):
+        prompts = batch["prompt"]
+        s = self.validation_sampling()
+        gen = self._generator(self.eval_config.seed, batch_idx, self.global_rank, 7919)
+        out = self.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen)
         rewards = self.reward_fn(out.images, prompts)
         self._update_val_metrics(out.images, prompts, rewards)
         return {"images": out.images, "prompts": list(prompts), "rewards": rewards}
