@@ -43,6 +43,7 @@ def _config_documents(args: Sequence[str]) -> list[dict]:
     """The mappings of the command line's ``--config`` files (or inline YAML), in order; unreadable ones skipped
     (jsonargparse reports those itself)."""
     documents = []
+    args = expand_config_bases(args)
     for config in _flag_value(args, "--config") + _flag_value(args, "-c"):
         text = open(config, encoding="utf-8").read() if os.path.isfile(config) else config
         try:
@@ -52,6 +53,49 @@ def _config_documents(args: Sequence[str]) -> list[dict]:
         if isinstance(data, dict):
             documents.append(data)
     return documents
+
+
+def expand_config_bases(args: Sequence[str]) -> list[str]:
+    """Each ``--config FILE`` whose YAML names ``base: OTHER`` (a path relative to FILE) becomes ``--config OTHER
+    --config <FILE's other keys>``, recursively: LightningCLI merges several ``--config`` files in order (a later
+    value wins; a list is replaced, or extended by a ``key+:`` entry), so a config states only what differs from
+    its base.
+
+    Hand-written: jsonargparse merges the ``--config`` files a command line lists, but a file cannot name the one
+    it extends. The ``base`` key is consumed here, so a printed or saved config is the merged whole."""
+    expanded: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            expanded += [arg for config in _config_chain(args[i + 1], ()) for arg in (a, config)]
+            i += 2
+        elif a.startswith("--config="):
+            expanded += [arg for config in _config_chain(a.split("=", 1)[1], ()) for arg in ("--config", config)]
+            i += 1
+        else:
+            expanded.append(a)
+            i += 1
+    return expanded
+
+
+def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
+    """``config`` preceded by its bases; a file that names a base is passed on as its other keys (inline YAML)."""
+    if not os.path.isfile(config):
+        return [config]  # inline YAML, or a missing file jsonargparse reports
+    try:
+        data = yaml.safe_load(open(config, encoding="utf-8"))
+    except yaml.YAMLError:
+        return [config]
+    if not isinstance(data, dict) or "base" not in data:
+        return [config]
+    base = data.pop("base")
+    path = os.path.normpath(os.path.join(os.path.dirname(config), str(base)))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{config}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
+    if os.path.abspath(path) in seen or os.path.abspath(path) == os.path.abspath(config):
+        raise ConfigError(f"{config}: base {base!r} leads back to itself")
+    return [*_config_chain(path, (*seen, os.path.abspath(config))), yaml.safe_dump(data, sort_keys=False)]
 
 
 def trainer_type_from_args(args: Sequence[str]) -> str:
@@ -133,6 +177,7 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlowRLCLI:
         from flowrl.rewards.remote import serve_reward_main
 
         return serve_reward_main(argv[1:])
+    argv = expand_config_bases(argv)
     trainer_type = trainer_type_from_args(argv)
     # An option of another trainer gets a message naming that trainer (jsonargparse would only say "unknown key").
     refuse_options_of_other_trainers(ALGORITHMS[trainer_type], model_keys_from_args(argv))

@@ -46,3 +46,18 @@ def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(TINY_PROMPTS) + "\n")
     return str(path)
+
+
+def parsed_config(*configs: str) -> dict:
+    """What ``flowrl fit --config A --config B ...`` amounts to (bases merged, defaults filled), as a mapping."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from flowrl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+    return yaml.safe_load(out.getvalue())

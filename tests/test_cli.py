@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from flowrl.cli import console_main, main, trainer_type_from_args
+from flowrl.cli import _config_documents, console_main, expand_config_bases, main, trainer_type_from_args
 from flowrl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,7 +12,9 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.
 OVERLAYS = {os.path.join(ROOT, "lightning_configs", "toy", "lora.yaml"): os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")}
 #: strategy presets for GPUs (tests/test_strategies.py parses them; no GPU here to run them)
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "strategies", "*.yaml")))
-CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS and c not in PRESETS]
+#: the parts whole configs share, named by them with ``base:`` (never run alone)
+BASES = [os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")]
+CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS and c not in PRESETS and c not in BASES]
 
 
 def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list[str]:
@@ -52,9 +54,58 @@ def test_every_config_is_whole_or_a_tested_overlay():
     import yaml
 
     for config in ALL_CONFIGS:
-        whole = "trainer_type" in (yaml.safe_load(open(config, encoding="utf-8")) or {})
-        assert whole != (config in OVERLAYS or config in PRESETS), \
-            f"{config}: a whole config sets trainer_type; an overlay is in OVERLAYS, a strategy preset in PRESETS"
+        whole = any("trainer_type" in d for d in _config_documents(["--config", config]))  # bases included
+        assert whole != (config in OVERLAYS or config in PRESETS or config in BASES), (
+            f"{config}: a whole config sets trainer_type (itself or in its base); an overlay is in OVERLAYS, "
+            "a strategy preset in PRESETS, a base in BASES")
+    named = {os.path.normpath(os.path.join(os.path.dirname(c), d["base"]))
+             for c in ALL_CONFIGS if "base" in (d := yaml.safe_load(open(c, encoding="utf-8")))}
+    assert set(BASES) <= named <= set(BASES) | set(CONFIGS)  # a base is named; a whole config may be a base too
+
+
+def _leaves(data, prefix=""):
+    if not isinstance(data, dict):
+        return {prefix: data}
+    return {k: v for key, value in data.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if os.sep + "toy" + os.sep in c],
+                         ids=lambda c: os.path.relpath(c, ROOT))
+def test_a_toy_config_states_only_what_differs_from_its_base(config):
+    """An algorithm's file is what makes it that algorithm: no option repeats its base's value."""
+    import yaml
+
+    own = yaml.safe_load(open(config, encoding="utf-8"))
+    assert "base" in own, f"{config}: start it with `base: base.yaml` (or another toy config) and keep the differences"
+    base = {}
+    for document in _config_documents(["--config", os.path.join(os.path.dirname(config), own.pop("base"))]):
+        base.update(_leaves(document))
+    repeated = {k: v for k, v in _leaves(own).items() if k in base and base[k] == v}
+    assert not repeated, f"{config} repeats its base: {repeated}"
+
+
+def test_config_bases_are_read_first_and_bad_ones_named(tmp_path):
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "root.yaml").write_text("trainer_type: nft\nmodel: {group_size: 4}\n")
+    (tmp_path / "child.yaml").write_text("base: parent/root.yaml\nmodel: {group_size: 2}\n")
+    args = expand_config_bases(["fit", "--config", str(tmp_path / "child.yaml"), "--model.resolution=8"])
+    assert args[:3] == ["fit", "--config", str(tmp_path / "parent" / "root.yaml")]
+    assert args[3] == "--config" and yaml_of(args[4]) == {"model": {"group_size": 2}}  # base consumed
+    assert args[5:] == ["--model.resolution=8"]
+    assert trainer_type_from_args(["--config", str(tmp_path / "child.yaml")]) == "nft"
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*does not exist"):
+        expand_config_bases(["--config", str(tmp_path / "orphan.yaml")])
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        expand_config_bases(["--config", str(tmp_path / "loop.yaml")])
+
+
+def yaml_of(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS), ids=lambda c: os.path.relpath(c, ROOT))
@@ -100,6 +151,8 @@ def test_config_runs_a_few_steps(config, tiny_pipeline_path, prompt_file, tmp_pa
     assert cli.model.trainer_type == trainer_type_from_args(["--config", config])
     assert "train/loss" in cli.trainer.logged_metrics
     assert any(os.scandir(tmp_path / "runs"))
+    saved = glob.glob(str(tmp_path / "runs" / "**" / "config.yaml"), recursive=True)
+    assert saved and all("\nbase:" not in open(s).read() for s in saved)  # the merged whole, runnable alone
 
 
 def test_unknown_key_is_an_error(tmp_path):

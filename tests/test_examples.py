@@ -23,7 +23,7 @@ def examples_importable(monkeypatch):
 
 def test_every_example_has_a_test():
     tested = {"own_trainer.py", "ema_classifier.py", "my_reward.py", "my_reward.yaml", "generate_with_diffusers.py",
-              "new_algorithm.py"}
+              "new_algorithm.py", "new_model_family.py"}  # new_model_family.py: tests/test_example_model_family.py
     files = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.*"))}
     assert files == tested, f"examples without a test: {sorted(files - tested)}"
 

@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
-import yaml
 
 from flowrl import precision as P
-from flowrl.cli import main
+from flowrl.cli import _config_documents, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "toy", "*.yaml")))
@@ -43,10 +42,11 @@ def test_cpu_description_names_the_capability():
 @pytest.mark.parametrize("config", TOY_CONFIGS, ids=os.path.basename)
 def test_toy_configs_leave_precision_to_the_cpu(config):
     """No toy config forces a precision: bf16 autocast is ~5x slower than float32 on AVX2-only CPUs."""
-    data = yaml.safe_load(open(config, encoding="utf-8"))
-    assert "precision" not in data.get("trainer", {}), f"{config} forces trainer.precision"
-    if "trainer_type" in data:  # a whole config, not an overlay
-        assert data["trainer"]["accelerator"] == "cpu"
+    documents = _config_documents(["--config", config])  # the file after its bases
+    for data in documents:
+        assert "precision" not in data.get("trainer", {}), f"{config} (or its base) forces trainer.precision"
+    if any("trainer_type" in data for data in documents):  # a whole config, not an overlay or a base
+        assert [d["trainer"]["accelerator"] for d in documents if "accelerator" in d.get("trainer", {})][-1] == "cpu"
 
 
 def test_flowrl_fit_chooses_logs_and_records_the_precision(native_bf16, tmp_path, monkeypatch, caplog):

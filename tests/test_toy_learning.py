@@ -18,7 +18,7 @@ import os
 import lightning as L
 import pytest
 import torch
-import yaml
+from conftest import parsed_config
 
 from callbacks import EMA, OffPolicySampling
 from flowrl.cli import main
@@ -68,8 +68,8 @@ def short_run_args(name: str, settings: dict | None = None) -> list[str]:
     ]
     scale = s["lr_scale"].get(name, s["lr_scale"]["default"])
     if scale != 1.0:
-        with open(os.path.join(ROOT, "lightning_configs", "toy", f"{name}.yaml")) as f:
-            lr = yaml.safe_load(f)["model"]["optimizer"]["init_args"]["lr"]
+        lr = parsed_config(os.path.join(ROOT, "lightning_configs", "toy", f"{name}.yaml"))["model"]["optimizer"][
+            "init_args"]["lr"]
         args.append(f"--model.optimizer.init_args.lr={float(lr) * scale}")
     return args
 
