@@ -67,3 +67,29 @@ def test_toy_compare_time_to_target_interpolates():
     assert bench.time_to(points, 0.40) == pytest.approx(90.0)
     assert bench.time_to(points, 0.30) == 0.0
     assert bench.time_to(points, 0.50) is None
+
+
+def test_overhead_smoke(tmp_path):
+    """One measured iteration of grpo on the tiny SD3 with T5: every phase, the floor replay, JSON and PNG."""
+    bench = _load("overhead")
+    out = bench.main_(["--iterations", "1", "--setups", "sd3_t5", "--algorithms", "grpo", "--precisions", "32-true",
+                       "--out", str(tmp_path / "overhead.json")])
+    (r,) = out["results"]
+    assert set(r["phases_per_iteration"]) == set(bench.PHASES)
+    assert r["phases_per_iteration"]["sampling_steps"] > 0 and r["phases_per_iteration"]["backward"] > 0
+    # 10 steps x 2 CFG branches, then per trained step one graph pass (the unconditional one kept from the rollout)
+    assert r["transformer_calls_per_iteration"] == 22
+    assert r["floor_seconds_per_iteration"] > 0 and r["ratio_to_floor"] == pytest.approx(
+        r["seconds_per_iteration"] / r["floor_seconds_per_iteration"])
+    assert json.loads((tmp_path / "overhead.json").read_text())["cpu"]["capability"]
+    assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_memory_counts_one_configuration(tmp_path):
+    bench = _load("memory")
+    path = tmp_path / "model"
+    bench.build(path, layers=1, width=32)
+    lora = bench.measure("lora_kl_reference", str(path))
+    assert lora["reference_mib"] == 0  # the adapter-disabled network is the reference: no copy
+    assert 0 < lora["gradients_mib"] < lora["parameters_mib"]
+    assert lora["optimizer_mib"] == pytest.approx(2 * lora["gradients_mib"], abs=0.02)  # AdamW: two moments

@@ -112,6 +112,7 @@ OUT_OF_RANGE = {
     "guidance_scale": ({"guidance_scale": 0.5}, None),
     "num_inner_epochs": ({"num_inner_epochs": 0}, None),
     "train_batch_size": ({"train_batch_size": 0}, None),
+    "rollout_batch_size": ({"rollout_batch_size": 0}, None),
     "gradient_accumulation_steps": ({"gradient_accumulation_steps": 0}, None),
     "max_grad_norm": ({"max_grad_norm": -1.0}, None),
     "clip_range": ({"clip_range": -0.1}, None),

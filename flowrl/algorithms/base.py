@@ -7,6 +7,7 @@ dynamics are allowed (``needs_log_prob``) and how to turn stored data into a los
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -119,6 +120,8 @@ class FlowRLModule(L.LightningModule):
         num_inner_epochs: passes of updates over each iteration's rollouts.
         train_batch_size: samples per micro-batch, of the rollout's forward passes and of the updates alike;
             null = the whole batch.
+        rollout_batch_size: samples per forward pass of the rollout's untrained steps (the trained ones keep
+            train_batch_size, so log-probs stay exact), as many as memory allows; null = train_batch_size.
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_grad_norm: clip the gradient norm to this before each optimizer step; null = no clipping.
         clip_range: PPO clip of the probability ratio, c or [low, high] (trainers with a ratio only).
@@ -164,6 +167,7 @@ class FlowRLModule(L.LightningModule):
         window_stride: int | None = None,
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
+        rollout_batch_size: int | None = None,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         clip_range: float | list[float] | None = None,
@@ -191,6 +195,12 @@ class FlowRLModule(L.LightningModule):
         self.same_initial_noise = same_initial_noise
         self.advantage_aggregation, self.on_reward_error = advantage_aggregation, on_reward_error
         self.async_rewards = async_rewards
+        check_number("rollout_batch_size", rollout_batch_size, 1, allow_none=True, hint="; null = train_batch_size")
+        self.rollout_batch_size = rollout_batch_size
+        if async_rewards and rollout_batch_size is not None:
+            raise ConfigError("async_rewards scores each micro-batch as it finishes sampling, and rollout_batch_size "
+                              "samples the whole batch step by step (no micro-batch finishes early); set one of "
+                              "them: rollout_batch_size: null or async_rewards: false")
         for option, value, choices in (("advantage_aggregation", advantage_aggregation, ADVANTAGE_AGGREGATIONS),
                                        ("on_reward_error", on_reward_error, ON_REWARD_ERROR)):
             if value not in choices:
@@ -230,6 +240,7 @@ class FlowRLModule(L.LightningModule):
                 self.val_metrics[f"{name}_acc_{category}"] = MeanMetric()
         self.iteration = 0
         self._bad_loss: str | None = None  # a non-finite loss noted this iteration (several processes)
+        self.weights_as_sampled = False  # training_step: no optimizer step since the rollout yet
 
     def _save_plain_hyperparameters(self, policy, rewards) -> None:
         """Hyper-parameters as plain data (checkpoints then load with ``weights_only=True``)."""
@@ -359,6 +370,14 @@ class FlowRLModule(L.LightningModule):
                 "does not have; use kl_type: v-based or stochastic dynamics"
             )
 
+    def profile(self, phase: str):
+        """A phase of the iteration under the Trainer's profiler, as ``[flowrl] <phase>``: with
+        ``--trainer.profiler=simple`` the report splits each iteration into prompt encoding, sampling steps,
+        decoding, reward, frozen velocities, training forwards, backwards, optimizer and logging
+        (``benchmarks/overhead.py`` reads the same records)."""
+        profiler = getattr(self._trainer, "profiler", None)
+        return profiler.profile(f"[flowrl] {phase}") if profiler is not None else contextlib.nullcontext()
+
     def _generator(self, *salt: int) -> torch.Generator:
         key = zlib.crc32(repr((self.seed, *salt)).encode())
         return torch.Generator().manual_seed(key)
@@ -392,14 +411,16 @@ class FlowRLModule(L.LightningModule):
         """Sample ``prompts``; steps in ``train_steps`` use the SDE dynamics, the rest the ODE.
 
         ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps.
-        Forward passes go in chunks of ``train_batch_size`` so that training recomputes every
-        log-prob in exactly the same batches (on-policy ratios are then exactly 1). ``on_chunk(slice, images)``
-        is called as each chunk's images are decoded. ``generator``: one for the batch, or one per sample (each
+        The trained steps' forward passes go in chunks of ``train_batch_size`` so that training recomputes every
+        log-prob in exactly the same batches (on-policy ratios are then exactly 1); the other steps in chunks of
+        ``rollout_batch_size`` (default: the same). ``on_chunk(slice, images)`` is called as each chunk's images
+        are decoded. ``generator``: one for the batch, or one per sample (each
         sample's starting noise, then its step noise, from its own).
         """
         policy = self.policy
         n = len(prompts)
-        cond = policy.encode_prompt(prompts)
+        with self.profile("encode_prompt"):
+            cond = policy.encode_prompt(prompts)
         sigmas = policy.sigmas(num_inference_steps, height, width)
         if isinstance(generator, torch.Generator):
             x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
@@ -415,33 +436,94 @@ class FlowRLModule(L.LightningModule):
             noise = torch.cat(noise, dim=1).to(x.device)
         trained = sorted(train_steps)
         keep = store == "trajectory" and trained
-        lat, nxt, lps, means, finals, images = [], [], [], [], [], []
-        # Micro-batch by micro-batch (the same batches, noise and arithmetic as step by step over all of them), so
-        # that a finished micro-batch can be scored (``on_chunk``) while the next one samples.
-        for sl in self._chunks(n):
-            chunk_cond, xc = cond.select(sl), x[sl]
-            c_lat, c_nxt, c_lps, c_means = [], [], [], []
-            for i in range(num_inference_steps):
+        keep_uncond = keep and self.stores_uncond_velocity(guidance_scale)
+        record = {i: [] for i in trained} if keep else {}  # trained step -> its chunks' tensors, in sample order
+        steps = (policy, cond, sigmas, noise, guidance_scale, trained, record, keep_uncond)
+        finals, images = [], []
+        train_chunks, wide_chunks = self._chunks(n), self._rollout_chunks(n)
+        if wide_chunks == train_chunks:
+            # Micro-batch by micro-batch (the same batches, noise and arithmetic as step by step over all of
+            # them), so that a finished micro-batch can be scored (``on_chunk``) while the next one samples.
+            for sl in train_chunks:
+                with self.profile("sampling_steps"):
+                    finals.append(self._sampling_steps(x, range(num_inference_steps), [sl], *steps))
+                with self.profile("decode"):
+                    images.append(policy.decode(finals[-1]))
+                if on_chunk is not None:
+                    on_chunk(sl, images[-1])
+        else:
+            # Step by step over the batch: the trained steps in the micro-batches training recomputes them in
+            # (exact log-probs), every other step in chunks of rollout_batch_size.
+            with self.profile("sampling_steps"):
+                i = 0
+                while i < num_inference_steps:
+                    is_trained = i in trained
+                    j = i
+                    while j < num_inference_steps and (j in trained) == is_trained:
+                        j += 1
+                    x = self._sampling_steps(x, range(i, j), train_chunks if is_trained else wide_chunks, *steps)
+                    i = j
+            finals = [x]
+            with self.profile("decode"):
+                images = [policy.decode(x[sl]) for sl in wide_chunks]
+        parts = {}
+        if keep:
+            names = ["latents", "next", "log_probs", "means", "v_uncond"]
+            for f, name in enumerate(names):
+                if (name == "means" and not self.stores_means) or (name == "v_uncond" and not keep_uncond):
+                    continue
+                parts[name] = torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
+        extras = {"v_uncond": parts["v_uncond"]} if "v_uncond" in parts else {}
+        return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next"),
+                       parts.get("log_probs"), parts.get("means"), torch.cat(finals), torch.cat(images), extras)
+
+    def _sampling_steps(self, x, steps, slices, policy, cond, sigmas, noise, guidance_scale, trained, record,
+                        keep_uncond) -> torch.Tensor:
+        """Steps ``steps`` of the samples in ``slices`` (of the whole batch ``x``): their latents after them.
+        The trained steps (SDE dynamics) record their inputs, samples, log-probs, means and unconditional branch."""
+        outs = []
+        for sl in slices:
+            xc, chunk_cond = x[sl], cond.select(sl)
+            for i in steps:
                 dyn = self.dynamics if i in trained else self.ode
-                v = policy.velocity(xc, sigmas[i].item(), chunk_cond, guidance_scale)
-                out = dyn.step(xc, v, sigmas[i].item(), sigmas[i + 1].item(), noise=noise[i, sl])
-                if keep and i in trained:
-                    c_lat.append(xc)
-                    c_nxt.append(out.prev_sample)
-                    c_lps.append(out.log_prob)
-                    if self.stores_means:
-                        c_means.append(out.mean)
+                s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+                v_u = policy.unconditional_velocity(xc, s) if keep_uncond and i in trained else None
+                v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
+                out = dyn.step(xc, v, s, s_next, noise=noise[i, sl])
+                if i in record:
+                    record[i].append((xc, out.prev_sample, out.log_prob, out.mean, v_u))
                 xc = out.prev_sample
-            finals.append(xc)
-            images.append(policy.decode(xc))
-            if on_chunk is not None:
-                on_chunk(sl, images[-1])
-            for acc, part in ((lat, c_lat), (nxt, c_nxt), (lps, c_lps), (means, c_means)):
-                if part:
-                    acc.append(torch.stack(part, 1))
-        cat = lambda parts: torch.cat(parts) if parts else None  # noqa: E731
-        return Rollout(list(prompts), cond, sigmas, trained, cat(lat), cat(nxt), cat(lps), cat(means),
-                       torch.cat(finals), torch.cat(images))
+            outs.append(xc)
+        return torch.cat(outs)
+
+    def _rollout_chunks(self, n: int) -> list[slice]:
+        """The batches of the untrained sampling steps: ``rollout_batch_size`` samples, else the micro-batches."""
+        if self.rollout_batch_size is None:
+            return self._chunks(n)
+        return [slice(i, min(i + self.rollout_batch_size, n)) for i in range(0, n, self.rollout_batch_size)]
+
+    #: the algorithm recomputes the rollout's guided velocities at the trained steps (coupled trainers), so the
+    #: unconditional branch there can be kept from the rollout (:meth:`stores_uncond_velocity`)
+    recomputes_rollout_velocities: bool = False
+
+    def stores_uncond_velocity(self, guidance_scale: float) -> bool:
+        """Whether a rollout keeps the unconditional CFG branch of its trained steps for training to reuse.
+
+        Exact only where training would recompute the very same thing: the branch runs without gradient
+        (``uncond_gradient: false``) on the rollout's latents, in the rollout's micro-batches, with the
+        weights that sampled (no callback swaps other weights in for sampling, and no dropout makes the
+        training pass differ). :attr:`weights_as_sampled` says, during training, whether no optimizer step has
+        been made since the rollout."""
+        policy = self.policy
+        return (self.recomputes_rollout_velocities and not policy.uncond_gradient and guidance_scale > 1.0
+                and policy.adapter.guidance_mode == "cfg" and not self._sampling_swaps_weights()
+                and not policy.has_dropout)
+
+    def _sampling_swaps_weights(self) -> bool:
+        for cb in getattr(self._trainer, "callbacks", None) or []:
+            if callable(getattr(cb, "sampling_context", None)) and getattr(cb, "off_policy", True):
+                return True
+        return False
 
     def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
                 on_chunk: Callable[[slice, torch.Tensor], None] | None = None) -> Rollout:
@@ -510,18 +592,22 @@ class FlowRLModule(L.LightningModule):
         else:
             rollout = self.rollout(prompts, group_ids)
             scored = None
-        rewards, keep = self._score_rollout(rollout.images, prompts, group_ids.cpu(), scored)
+        with self.profile("reward"):
+            rewards, keep = self._score_rollout(rollout.images, prompts, group_ids.cpu(), scored)
         if keep is not None and not keep.any():
             self.iteration += 1  # nothing left to train on: no update this iteration
             return
-        advantages = self.compute_advantages(rewards, group_ids.cpu(), keep).to(self.device)
-        self._log_rewards(rewards if keep is None else rewards[keep])
+        with self.profile("advantages"):
+            advantages = self.compute_advantages(rewards, group_ids.cpu(), keep).to(self.device)
+        with self.profile("logging"):
+            self._log_rewards(rewards if keep is None else rewards[keep])
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         n, gas = len(prompts), self.gradient_accumulation_steps
         logs: dict[str, list[torch.Tensor]] = {}
         first_update_ratios: list[torch.Tensor] = []  # before the iteration's first optimizer step
-        units = self.training_units(rollout)
+        with self.profile("frozen_velocities"):  # decoupled trainers: the old / EMA / reference velocities
+            units = self.training_units(rollout)
         plan = []  # (inner epoch, sample indices) of every micro-batch of the iteration
         for epoch in range(self.num_inner_epochs):
             # The first epoch keeps the rollout's batching: on-policy log-probs reproduce exactly.
@@ -532,27 +618,33 @@ class FlowRLModule(L.LightningModule):
                 if len(idx):
                     plan.append((epoch, idx))
         self._bad_loss = None
+        self.weights_as_sampled = True  # until the iteration's first optimizer step
         for micro, (epoch, idx) in enumerate(plan):
             # The last micro-batch of an optimizer step: its last backward all-reduces the accumulated gradients
             # (DDP); the others accumulate locally (no_sync).
             steps_now = (micro + 1) % gas == 0 or micro == len(plan) - 1
             for u, unit in enumerate(units):
-                out = self.training_loss(rollout, advantages, idx, unit)
-                loss = out["loss"]
-                self._check_loss(loss)
-                self._backward(loss / (len(units) * gas), sync=steps_now and u == len(units) - 1)
+                with self.profile("train_forward"):
+                    out = self.training_loss(rollout, advantages, idx, unit)
+                    loss = out["loss"]
+                    self._check_loss(loss)
+                with self.profile("backward"):
+                    self._backward(loss / (len(units) * gas), sync=steps_now and u == len(units) - 1)
                 for k, v in out.items():
                     logs.setdefault(k, []).append(v.detach().float().reshape(-1).cpu())
                 if micro < gas and epoch == 0 and "ratio" in out:
                     first_update_ratios.append(out["ratio"].detach().double().reshape(-1).cpu())
             if steps_now:
-                self._optimizer_step(optimizer, scheduler, logs)
+                with self.profile("optimizer"):
+                    self._optimizer_step(optimizer, scheduler, logs)
+                self.weights_as_sampled = False
         if first_update_ratios:
             # On-policy the first update reproduces the rollout's log-probs: any deviation from 1 is a mismatch
             # between training and rollout (precision, batching), the diagnostic the papers' users watch.
             deviation = (torch.cat(first_update_ratios) - 1.0).abs().max()
             self.log("train/ratio_first_update_max_abs_dev", deviation.float())
-        self._log_train(logs)
+        with self.profile("logging"):
+            self._log_train(logs)
         self.iteration += 1
 
     def _world_size(self) -> int:

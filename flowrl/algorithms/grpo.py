@@ -30,6 +30,7 @@ class GRPO(FlowRLModule):
     """
 
     trainer_type = "grpo"
+    recomputes_rollout_velocities = True
 
     def __init__(self, policy: PolicyConfig, clip_range: float | list[float] | None = 1e-4, **kwargs):
         """Other options: see :class:`~flowrl.algorithms.base.FlowRLModule`.
@@ -48,7 +49,10 @@ class GRPO(FlowRLModule):
         s, s_next = rollout.sigmas[step].item(), rollout.sigmas[step + 1].item()
         cond = rollout.cond.select(idx)
         x = rollout.latents[idx, k]
-        v = self.policy.velocity(x, s, cond, self.guidance_scale)
+        # Before the iteration's first update the weights are the sampling ones: the rollout's unconditional
+        # branch (no gradient) is what recomputing it would give.
+        v_u = rollout.extras["v_uncond"][idx, k] if "v_uncond" in rollout.extras and self.weights_as_sampled else None
+        v = self.policy.velocity(x, s, cond, self.guidance_scale, uncond_velocity=v_u)
         out = self.dynamics.step(x, v, s, s_next, prev_sample=rollout.next_latents[idx, k])
         return out, v, s, s_next
 

@@ -224,8 +224,16 @@ class FlowMatchingPolicy(nn.Module):
 
     # ------------------------------------------------------------------ model calls
     def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
+        """The conditioning of ``prompts``, each distinct prompt encoded once (a group repeats one prompt G times:
+        the text encoders run on B / G prompts, and the rows are shared)."""
+        prompts = list(prompts)
+        distinct = list(dict.fromkeys(prompts))
         with torch.no_grad():
-            return self.adapter.encode_prompt(list(prompts), self.device)
+            cond = self.adapter.encode_prompt(distinct, self.device)
+        if len(distinct) == len(prompts):
+            return cond
+        row = {p: i for i, p in enumerate(distinct)}
+        return cond.select([row[p] for p in prompts])
 
     def null_condition(self, batch_size: int) -> Conditioning:
         """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""
@@ -261,6 +269,7 @@ class FlowMatchingPolicy(nn.Module):
         cond: Conditioning,
         guidance_scale: float = 1.0,
         uncond: Conditioning | None = None,
+        uncond_velocity: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity in float32, with classifier-free guidance when ``guidance_scale > 1``.
 
@@ -268,10 +277,11 @@ class FlowMatchingPolicy(nn.Module):
         graph: the gradient of the guided velocity, as Flow-GRPO trains it. With ``uncond_gradient=False``
         the unconditional branch runs separately without gradient (less activation memory; the update
         then ignores how the parameters move the unconditional prediction). Sampling and training take
-        the same path, so on-policy log-probabilities reproduce exactly either way.
+        the same path, so on-policy log-probabilities reproduce exactly either way. ``uncond_velocity``: that
+        separate branch's prediction (:meth:`unconditional_velocity`) already computed for these latents with
+        these weights, used instead of recomputing it.
         """
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
-        sigma = sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
+        sigma = self._sigma_batch(sigma, latents)
         if self.adapter.guidance_mode == "distilled":  # the scale is an input of the denoiser: one pass
             return self._denoise(latents, sigma, cond, guidance_scale)
         if guidance_scale <= 1.0:
@@ -283,9 +293,26 @@ class FlowMatchingPolicy(nn.Module):
             v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).split(n)
         else:
             v = self._denoise(latents, sigma, cond)
-            with torch.no_grad():
-                v_u = self._denoise(latents, sigma, uncond)
+            v_u = self.unconditional_velocity(latents, sigma, uncond) if uncond_velocity is None else uncond_velocity
         return self.adapter.combine_guidance(v_u, v, guidance_scale)
+
+    @staticmethod
+    def _sigma_batch(sigma: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        return sigma.expand(latents.shape[0]) if sigma.ndim == 0 else sigma
+
+    @torch.no_grad()
+    def unconditional_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float,
+                               uncond: Conditioning | None = None) -> torch.Tensor:
+        """The unconditional CFG branch's raw prediction without gradient, as :meth:`velocity` computes it with
+        ``uncond_gradient=False``."""
+        uncond = uncond if uncond is not None else self.null_condition(latents.shape[0])
+        return self._denoise(latents, self._sigma_batch(sigma, latents), uncond)
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether the denoiser has an active dropout (its train and eval passes then differ)."""
+        return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.transformer.modules())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
