@@ -7,8 +7,9 @@ downloaded), so its numbers do not mix with the others'. Two measures:
 * ``state_mib``: the bytes of the tensors the run keeps, counted on the objects after one optimizer step:
   transformer parameters, gradients, optimizer state, the EMA's shadow copy, the KL reference's copy (a LoRA
   run's reference is the adapter-disabled network: no copy);
-* ``peak_rss_delta_mib``: the process's peak resident memory during the iteration above what it held once the
-  module was built (activations, temporaries and the state above), from ``getrusage``.
+* ``peak_rss_mib``: the process's peak resident memory (``getrusage``; libraries, loading and training), and
+  ``peak_rss_delta_mib``: how far the iteration pushed it above the peak reached while building the module
+  (activations, temporaries, gradients, optimizer state, copies; 0 when loading peaked higher).
 
 A CPU has one device, so "reference / EMA on the CPU vs on the model's device" are the same here; on a GPU
 their copies move off the accelerator (``ref_param_device`` / ``ema_device: cpu``). Writes
@@ -89,7 +90,7 @@ def measure(name: str, path: str) -> dict:
             "trainable_parameters": sum(p.numel() for p in trainable),
             "state_mib": _mib(state), "parameters_mib": _mib(params), "gradients_mib": _mib(grads),
             "optimizer_mib": _mib(optim), "ema_mib": _mib(ema), "reference_mib": _mib(ref),
-            "peak_rss_delta_mib": round((peak - built) / 1024, 1)}
+            "peak_rss_mib": round(peak / 1024, 1), "peak_rss_delta_mib": round((peak - built) / 1024, 1)}
 
 
 def build(path: Path, layers: int, width: int) -> None:

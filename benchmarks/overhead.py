@@ -10,7 +10,7 @@ text tokens, as SD3.5 uses), each run for ``--iterations`` measured iterations a
 * the raw floor: every transformer call of one measured iteration replayed in the same process on the same
   inputs (shapes, counts, grad mode and autocast as recorded; a backward through each call that had grad),
   nothing else;
-* their ratio (target <= 1.05).
+* their ratio, median iteration over median replay (target <= 1.05).
 
 Both precisions (32-true and bf16-mixed) where the CPU runs bf16 natively; the CPU is recorded beside every
 number. Writes ``benchmarks/overhead.json`` and ``benchmarks/overhead.png``.
@@ -21,8 +21,10 @@ number. Writes ``benchmarks/overhead.json`` and ``benchmarks/overhead.png``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -106,28 +108,35 @@ class IterationClock:
 
         class _Clock(L.Callback):  # counts iterations itself: an epoch of the prompt list may hold few batches
             def on_train_batch_start(cb, trainer, pl_module, batch, batch_idx):
-                batch_idx = self.seen
+                batch_idx, now = self.seen, time.perf_counter()
                 if batch_idx == warmup:
                     trainer.profiler.recorded_durations.clear()
                     recorder.inside = 0.0
-                    self.start = time.perf_counter()
+                    self.start = now
+                elif batch_idx > warmup:
+                    self.times.append(now - self.last)
+                self.last = now
                 recorder.capture = batch_idx == warmup  # one measured iteration is replayed
 
             def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx):
                 batch_idx, self.seen = self.seen, self.seen + 1
                 if batch_idx == warmup + iterations - 1:
-                    self.wall = time.perf_counter() - self.start
+                    now = time.perf_counter()
+                    self.times.append(now - self.last)
+                    self.wall = now - self.start
                     recorder.capture = False
                     trainer.should_stop = True
 
         self.callback = _Clock()
-        self.start = self.wall = None
+        self.start = self.wall = self.last = None
         self.seen = 0
+        self.times: list[float] = []  # each measured iteration, start to start (the last: to its end)
 
 
-def replay_floor(transformer, calls: list[dict], repeats: int = 3) -> float:
-    """Seconds of the recorded transformer calls alone (best of ``repeats``), a backward through each grad call."""
-    best = float("inf")
+def replay_floor(transformer, calls: list[dict], repeats: int = 5) -> float:
+    """Seconds of the recorded transformer calls alone (the median of ``repeats`` replays), a backward through
+    each call that had grad."""
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for call in calls:
@@ -137,10 +146,10 @@ def replay_floor(transformer, calls: list[dict], repeats: int = 3) -> float:
                 out = out[0] if isinstance(out, tuple) else out.sample
                 if call["grad"]:
                     out.float().sum().backward()
-        best = min(best, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     for p in transformer.parameters():
         p.grad = None
-    return best
+    return statistics.median(times)
 
 
 def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: Path | None,
@@ -166,16 +175,20 @@ def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: 
     callback_records = {k: round(sum(v) / iterations, 5) for k, v in records.items() if k.startswith("[Callback]")}
     per_it = {k: v / iterations for k, v in phases.items()}
     per_it["other"] = wall / iterations - sum(per_it.values())
+    median = statistics.median(clock.times)  # the machine's speed drifts: medians, not means
     floor = replay_floor(module.policy.transformer, recorder.calls)
+    shapes = collections.Counter((tuple(c["kwargs"]["hidden_states"].shape), c["grad"]) for c in recorder.calls)
     return {
         "setup": setup, "algorithm": algorithm, "precision": precision, "iterations": iterations,
-        "seconds_per_iteration": wall / iterations,
+        "call_shapes": {f"{list(k[0])} grad={k[1]}": v for k, v in shapes.items()},
+        "seconds_per_iteration": median,
+        "iteration_seconds": [round(t, 4) for t in clock.times],
         "phases_per_iteration": {k: round(per_it.get(k, 0.0), 5) for k in PHASES},
         "transformer_forwards_in_run_per_iteration": inside / iterations,
         "callback_records": {k: v for k, v in callback_records.items() if v > 1e-4},
         "transformer_calls_per_iteration": len(recorder.calls),
         "floor_seconds_per_iteration": floor,
-        "ratio_to_floor": wall / iterations / floor,
+        "ratio_to_floor": median / floor,
         "transformer_parameters": sum(p.numel() for p in module.policy.transformer.parameters()),
     }
 
