@@ -277,6 +277,8 @@ def main_(argv=None) -> dict:
     parser.add_argument("--precisions", nargs="+", default=None,
                         help="default: 32-true, and bf16-mixed where the CPU has native bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "overhead.json")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="one more override for every run, as --extra=--model.num_inference_steps=4 (repeatable)")
     parser.add_argument("--scaling", action="store_true",
                         help="instead: the scaling sweep (samples, resolution, trained steps) -> overhead_scaling.json/png")
     args = parser.parse_args(argv)
@@ -305,7 +307,7 @@ def _measure(args, cpu, precisions, results, tmp: Path) -> dict:
     for setup in args.setups:
         for algorithm in args.algorithms:
             for precision in precisions:
-                r = run(setup, algorithm, precision, args.iterations, tiny)
+                r = run(setup, algorithm, precision, args.iterations, tiny, tuple(args.extra))
                 print(f"{setup:7s} {algorithm:5s} {precision:10s} {r['seconds_per_iteration']:.3f} s/it, "
                       f"floor {r['floor_seconds_per_iteration']:.3f} s, ratio {r['ratio_to_floor']:.2f}", flush=True)
                 results.append(r)
