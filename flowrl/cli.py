@@ -81,20 +81,20 @@ def expand_config_bases(args: Sequence[str]) -> list[str]:
 
 def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
     """``config`` preceded by its bases; a file that names a base is passed on as its other keys (inline YAML)."""
-    if not os.path.isfile(config):
-        return [config]  # inline YAML, or a missing file jsonargparse reports
+    is_file = os.path.isfile(config)
     try:
-        data = yaml.safe_load(open(config, encoding="utf-8"))
-    except yaml.YAMLError:
-        return [config]
+        data = yaml.safe_load(open(config, encoding="utf-8") if is_file else config)
+    except (yaml.YAMLError, OSError):
+        return [config]  # jsonargparse reports it
     if not isinstance(data, dict) or "base" not in data:
         return [config]
-    base = data.pop("base")
-    path = os.path.normpath(os.path.join(os.path.dirname(config), str(base)))
+    base, name = data.pop("base"), config if is_file else "an inline --config"
+    # a file's base is relative to it; inline YAML's to the working directory (or absolute)
+    path = os.path.normpath(os.path.join(os.path.dirname(config) if is_file else "", str(base)))
     if not os.path.isfile(path):
-        raise ConfigError(f"{config}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
-    if os.path.abspath(path) in seen or os.path.abspath(path) == os.path.abspath(config):
-        raise ConfigError(f"{config}: base {base!r} leads back to itself")
+        raise ConfigError(f"{name}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
+    if os.path.abspath(path) in seen or (is_file and os.path.abspath(path) == os.path.abspath(config)):
+        raise ConfigError(f"{name}: base {base!r} leads back to itself")
     return [*_config_chain(path, (*seen, os.path.abspath(config))), yaml.safe_dump(data, sort_keys=False)]
 
 

@@ -188,7 +188,10 @@ def _config_arg(config: str | os.PathLike) -> str:
     except yaml.YAMLError:
         return config  # jsonargparse reports it
     if isinstance(data, dict) and any(k in data for k in _FIT_ONLY_KEYS):
-        return yaml.safe_dump({k: v for k, v in data.items() if k not in _FIT_ONLY_KEYS}, sort_keys=False)
+        kept = {k: v for k, v in data.items() if k not in _FIT_ONLY_KEYS}
+        if is_file and "base" in kept:  # inline YAML has no directory: the base's path relative to the file
+            kept["base"] = os.path.abspath(os.path.join(os.path.dirname(config), str(kept["base"])))
+        return yaml.safe_dump(kept, sort_keys=False)
     return config
 
 

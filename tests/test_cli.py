@@ -93,6 +93,8 @@ def test_config_bases_are_read_first_and_bad_ones_named(tmp_path):
     assert args[3] == "--config" and yaml_of(args[4]) == {"model": {"group_size": 2}}  # base consumed
     assert args[5:] == ["--model.resolution=8"]
     assert trainer_type_from_args(["--config", str(tmp_path / "child.yaml")]) == "nft"
+    inline = f"base: {tmp_path / 'parent' / 'root.yaml'}\nmodel: {{group_size: 2}}\n"  # an absolute base, inline
+    assert expand_config_bases(["--config", inline])[:2] == ["--config", str(tmp_path / "parent" / "root.yaml")]
     (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml.*does not exist"):
         expand_config_bases(["--config", str(tmp_path / "orphan.yaml")])
