@@ -10,7 +10,8 @@ text tokens, as SD3.5 uses), each run for ``--iterations`` measured iterations a
 * the raw floor: every transformer call of one measured iteration replayed in the same process on the same
   inputs (shapes, counts, grad mode and autocast as recorded; a backward through each call that had grad),
   nothing else;
-* their ratio, median iteration over median replay (target <= 1.05).
+* their ratio: each measured iteration over the replay made right after it (drift cancels), the median
+  (target <= 1.05).
 
 Both precisions (32-true and bf16-mixed) where the CPU runs bf16 natively; the CPU is recorded beside every
 number. Writes ``benchmarks/overhead.json`` and ``benchmarks/overhead.png``.
@@ -83,6 +84,7 @@ class Recorder:
     def __init__(self, transformer):
         self.inside = 0.0
         self.capture = False
+        self.replaying = False  # the floor replays: not part of the run's time
         self.calls: list[dict] = []
         self._start = None
         transformer.register_forward_pre_hook(self._pre, with_kwargs=True)
@@ -97,40 +99,44 @@ class Recorder:
                                "autocast": torch.get_autocast_dtype("cpu") if autocast else None})
 
     def _post(self, module, args, kwargs, output):
-        self.inside += time.perf_counter() - self._start
+        if not self.replaying:
+            self.inside += time.perf_counter() - self._start
 
 
 class IterationClock:
-    """A Lightning callback: clears the profiler after the warm-up iteration and times the measured ones."""
+    """A Lightning callback: clears the profiler after the warm-up iterations, times each measured iteration and,
+    right after it, one replay of the transformer calls recorded in the first measured one. Each iteration is
+    compared with the replay next to it in time, so the machine's drift cancels in their ratio."""
 
     def __init__(self, recorder: Recorder, warmup: int, iterations: int):
         import lightning as L
 
         class _Clock(L.Callback):  # counts iterations itself: an epoch of the prompt list may hold few batches
             def on_train_batch_start(cb, trainer, pl_module, batch, batch_idx):
-                batch_idx, now = self.seen, time.perf_counter()
-                if batch_idx == warmup:
+                if self.seen == warmup:
                     trainer.profiler.recorded_durations.clear()
                     recorder.inside = 0.0
-                    self.start = now
-                elif batch_idx > warmup:
-                    self.times.append(now - self.last)
-                self.last = now
-                recorder.capture = batch_idx == warmup  # one measured iteration is replayed
+                recorder.capture = self.seen == warmup  # the first measured iteration is the one replayed
+                self.last = time.perf_counter()
 
             def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx):
-                batch_idx, self.seen = self.seen, self.seen + 1
-                if batch_idx == warmup + iterations - 1:
-                    now = time.perf_counter()
-                    self.times.append(now - self.last)
-                    self.wall = now - self.start
-                    recorder.capture = False
+                now = time.perf_counter()
+                measured, self.seen = self.seen >= warmup, self.seen + 1
+                recorder.capture = False
+                if not measured:
+                    return
+                self.times.append(now - self.last)
+                recorder.replaying = True
+                self.replays.append(replay_floor(pl_module.policy.transformer, recorder.calls, repeats=1))
+                recorder.replaying = False
+                if self.seen == warmup + iterations:
                     trainer.should_stop = True
 
         self.callback = _Clock()
-        self.start = self.wall = self.last = None
         self.seen = 0
-        self.times: list[float] = []  # each measured iteration, start to start (the last: to its end)
+        self.last = None
+        self.times: list[float] = []  # each measured iteration, batch start to batch end
+        self.replays: list[float] = []  # the replay right after each
 
 
 def replay_floor(transformer, calls: list[dict], repeats: int = 5) -> float:
@@ -171,24 +177,27 @@ def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: 
             phases[name[len("[flowrl] "):]] += sum(durations)
         elif name.startswith("[Callback]") and "on_train_batch" in name and "_Clock" not in name:
             phases["callbacks"] += sum(durations)
-    wall, inside = clock.wall, recorder.inside  # before the replay, whose calls the hooks also see
+    inside = recorder.inside
     callback_records = {k: round(sum(v) / iterations, 5) for k, v in records.items() if k.startswith("[Callback]")}
     per_it = {k: v / iterations for k, v in phases.items()}
-    per_it["other"] = wall / iterations - sum(per_it.values())
-    median = statistics.median(clock.times)  # the machine's speed drifts: medians, not means
-    floor = replay_floor(module.policy.transformer, recorder.calls)
+    per_it["other"] = statistics.mean(clock.times) - sum(per_it.values())
+    # the machine's speed drifts: each iteration against the replay next to it, and medians
+    ratios = [t / f for t, f in zip(clock.times, clock.replays)]
+    median, floor = statistics.median(clock.times), statistics.median(clock.replays)
     shapes = collections.Counter((tuple(c["kwargs"]["hidden_states"].shape), c["grad"]) for c in recorder.calls)
     return {
         "setup": setup, "algorithm": algorithm, "precision": precision, "iterations": iterations,
         "call_shapes": {f"{list(k[0])} grad={k[1]}": v for k, v in shapes.items()},
         "seconds_per_iteration": median,
         "iteration_seconds": [round(t, 4) for t in clock.times],
+        "floor_seconds": [round(t, 4) for t in clock.replays],
         "phases_per_iteration": {k: round(per_it.get(k, 0.0), 5) for k in PHASES},
         "transformer_forwards_in_run_per_iteration": inside / iterations,
         "callback_records": {k: v for k, v in callback_records.items() if v > 1e-4},
         "transformer_calls_per_iteration": len(recorder.calls),
         "floor_seconds_per_iteration": floor,
-        "ratio_to_floor": median / floor,
+        "ratio_to_floor": statistics.median(ratios),
+        "paired_ratios": [round(r, 3) for r in ratios],
         "transformer_parameters": sum(p.numel() for p in module.policy.transformer.parameters()),
     }
 
