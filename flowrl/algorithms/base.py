@@ -8,6 +8,7 @@ dynamics are allowed (``needs_log_prob``) and how to turn stored data into a los
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -389,9 +390,14 @@ class FlowRLModule(L.LightningModule):
         first = self.global_rank * n
         return [self._generator(*salt, first + j) for j in range(n)]
 
-    def _chunks(self, n: int) -> list[slice]:
-        size = self.train_batch_size or n
+    @staticmethod
+    def _slices(n: int, size: int | None) -> list[slice]:
+        size = size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _chunks(self, n: int) -> list[slice]:
+        """The micro-batches: ``train_batch_size`` samples each."""
+        return self._slices(n, self.train_batch_size)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -455,24 +461,19 @@ class FlowRLModule(L.LightningModule):
             # Step by step over the batch: the trained steps in the micro-batches training recomputes them in
             # (exact log-probs), every other step in chunks of rollout_batch_size.
             with self.profile("sampling_steps"):
-                i = 0
-                while i < num_inference_steps:
-                    is_trained = i in trained
-                    j = i
-                    while j < num_inference_steps and (j in trained) == is_trained:
-                        j += 1
-                    x = self._sampling_steps(x, range(i, j), train_chunks if is_trained else wide_chunks, *steps)
-                    i = j
+                for is_trained, run in itertools.groupby(range(num_inference_steps), key=lambda i: i in trained):
+                    x = self._sampling_steps(x, list(run), train_chunks if is_trained else wide_chunks, *steps)
             finals = [x]
             with self.profile("decode"):
                 images = [policy.decode(x[sl]) for sl in wide_chunks]
-        parts = {}
-        if keep:
-            names = ["latents", "next", "log_probs", "means", "v_uncond"]
-            for f, name in enumerate(names):
-                if (name == "means" and not self.stores_means) or (name == "v_uncond" and not keep_uncond):
-                    continue
-                parts[name] = torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
+        # each stored field, (B, K, ...): a trained step's chunks in sample order, the K trained steps stacked
+        fields = {"latents": 0, "next": 1, "log_probs": 2, "means": 3, "v_uncond": 4} if keep else {}
+        if not self.stores_means:
+            fields.pop("means", None)
+        if not keep_uncond:
+            fields.pop("v_uncond", None)
+        parts = {name: torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
+                 for name, f in fields.items()}
         extras = {"v_uncond": parts["v_uncond"]} if "v_uncond" in parts else {}
         return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next"),
                        parts.get("log_probs"), parts.get("means"), torch.cat(finals), torch.cat(images), extras)
@@ -498,9 +499,7 @@ class FlowRLModule(L.LightningModule):
 
     def _rollout_chunks(self, n: int) -> list[slice]:
         """The batches of the untrained sampling steps: ``rollout_batch_size`` samples, else the micro-batches."""
-        if self.rollout_batch_size is None:
-            return self._chunks(n)
-        return [slice(i, min(i + self.rollout_batch_size, n)) for i in range(0, n, self.rollout_batch_size)]
+        return self._chunks(n) if self.rollout_batch_size is None else self._slices(n, self.rollout_batch_size)
 
     #: the algorithm recomputes the rollout's guided velocities at the trained steps (coupled trainers), so the
     #: unconditional branch there can be kept from the rollout (:meth:`stores_uncond_velocity`)
