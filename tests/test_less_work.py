@@ -5,6 +5,7 @@ import torch
 from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
+from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 
 
@@ -20,6 +21,69 @@ def test_each_distinct_prompt_is_encoded_once(tiny_sd3_path):
     for key in plain.tensors:
         torch.testing.assert_close(cond.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
     assert torch.equal(cond.tensors["prompt_embeds"][0], cond.tensors["prompt_embeds"][6])
+
+
+def _encoder_calls(policy) -> list[list[str]]:
+    seen = []
+    original = policy.adapter.encode_prompt
+    policy.adapter.encode_prompt = lambda prompts, device: seen.append(list(prompts)) or original(prompts, device)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "wan"])
+def test_prompts_seen_before_come_from_the_cache_with_the_same_conditioning(tiny_pipeline_path, family):
+    """A later batch encodes only its new prompts; its conditioning equals a cache-less policy's encoding of the
+    same batch (every tensor, per-sample and shared field) to float32 rounding."""
+    from flowrl.policy.adapter import Conditioning
+
+    path = tiny_pipeline_path(family)
+    cached = FlowMatchingPolicy.from_pretrained(path, lora_rank=2)
+    plain = FlowMatchingPolicy.from_pretrained(path, lora_rank=2, prompt_cache_mb=0)
+    seen = _encoder_calls(cached)
+    cached.encode_prompt(["a red circle", "two blue squares"])
+    batch = ["a photo of a cat", "two blue squares", "a red circle", "a photo of a cat"]
+    cond, want = cached.encode_prompt(batch), plain.encode_prompt(batch)
+    assert seen == [["a red circle", "two blue squares"], ["a photo of a cat"]]
+    assert isinstance(cond, Conditioning) and len(cond) == 4
+    assert cond.tensors.keys() == want.tensors.keys() and cond.per_sample == want.per_sample
+    for key in want.tensors:
+        assert cond.tensors[key].dtype == want.tensors[key].dtype
+        torch.testing.assert_close(cond.tensors[key], want.tensors[key], rtol=0, atol=1e-6, msg=key)
+    for key, value in want.shared.items():
+        assert torch.equal(cond.shared[key], value) if isinstance(value, torch.Tensor) else cond.shared[key] == value
+    cached.encode_prompt(batch)  # everything known now: no encoder call
+    assert len(seen) == 2 and cached.prompt_cache.hits >= 4
+
+
+def test_the_prompt_cache_keeps_to_its_budget_least_recently_used_first(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2)
+    one = policy.encode_prompt(["a"])
+    row_bytes = sum(t.numel() * t.element_size() for t in one.tensors.values())
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2, prompt_cache_mb=2.5 * row_bytes / 2**20)
+    seen = _encoder_calls(policy)
+    policy.encode_prompt(["a", "b"])
+    policy.encode_prompt(["a"])  # "a" used last: "b" goes first
+    policy.encode_prompt(["c"])
+    assert len(policy.prompt_cache) == 2 and "b" not in policy.prompt_cache
+    assert policy.prompt_cache.nbytes <= policy.prompt_cache.max_bytes
+    policy.encode_prompt(["a", "c", "b"])
+    assert seen == [["a", "b"], ["c"], ["b"]]
+    off = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2, prompt_cache_mb=0)
+    seen = _encoder_calls(off)
+    off.encode_prompt(["a"])
+    off.encode_prompt(["a"])
+    assert seen == [["a"], ["a"]] and len(off.prompt_cache) == 0
+    with pytest.raises(ConfigError, match="prompt_cache_mb"):
+        PolicyConfig(tiny_sd3_path, prompt_cache_mb=-1)
+
+
+def test_a_mode_switch_leaves_the_frozen_parts_in_eval_mode(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2, lora_dropout=0.1)
+    policy.train()
+    assert policy.training and all(m.training for m in policy.transformer.modules())
+    assert not any(m.training for m in policy.frozen.modules())
+    policy.eval()
+    assert not policy.training and not any(m.training for m in policy.modules())
 
 
 def _grpo(path, reuse: bool, **overrides):

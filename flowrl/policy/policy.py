@@ -12,6 +12,7 @@ from torch import nn
 
 from flowrl.errors import ConfigError
 from flowrl.policy.adapter import Conditioning, adapter_for
+from flowrl.policy.prompt_cache import PromptCache
 from flowrl.validation import check_number
 
 FINETUNE_TYPES = ("lora", "full")
@@ -53,6 +54,8 @@ class PolicyConfig:
         gradient_checkpointing: recompute the transformer's activations in the backward pass (less memory).
         uncond_gradient: with classifier-free guidance in training, differentiate the unconditional branch too
             (Flow-GRPO); false treats it as a constant and saves memory.
+        prompt_cache_mb: host memory for prompt embeddings kept across iterations (a prompt seen before is not
+            encoded again; the text encoders are frozen, so the result is the same); 0 = encode every batch.
     """
 
     pretrained_model_name_or_path: str
@@ -68,6 +71,7 @@ class PolicyConfig:
     variant: str | None = None
     gradient_checkpointing: bool = False
     uncond_gradient: bool = True
+    prompt_cache_mb: float = 1024.0
 
     def __post_init__(self):
         if self.finetune_type not in FINETUNE_TYPES:
@@ -79,6 +83,7 @@ class PolicyConfig:
         check_number("policy.lora_dropout", self.lora_dropout, 0, 1, high_open=True)
         check_number("policy.max_sequence_length", self.max_sequence_length, 1, allow_none=True)
         check_number("policy.num_frames", self.num_frames, 1, allow_none=True, hint=" (video models; null = default)")
+        check_number("policy.prompt_cache_mb", self.prompt_cache_mb, 0, hint=" (0 = no cache)")
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
         path = resolve_model_path(self.pretrained_model_name_or_path)
@@ -131,6 +136,7 @@ class FlowMatchingPolicy(nn.Module):
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
         uncond_gradient: bool = True,
+        prompt_cache_mb: float = 1024.0,
     ):
         super().__init__()
         self.uncond_gradient = uncond_gradient
@@ -163,6 +169,7 @@ class FlowMatchingPolicy(nn.Module):
         if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
         self._null_cond: Conditioning | None = None
+        self.prompt_cache = PromptCache(prompt_cache_mb)
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> FlowMatchingPolicy:
@@ -214,8 +221,10 @@ class FlowMatchingPolicy(nn.Module):
             self.transformer.enable_adapters()
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.frozen.eval()  # frozen parts never switch to train mode (dropout etc.)
+        """Switches the denoiser only: the frozen parts stay in eval mode (no dropout) and are not walked on every
+        switch (a rollout switches twice an iteration; the text encoders and VAE hold most of the modules)."""
+        self.training = mode
+        self.transformer.train(mode)
         return self
 
     @property
@@ -225,14 +234,25 @@ class FlowMatchingPolicy(nn.Module):
     # ------------------------------------------------------------------ model calls
     def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
         """The conditioning of ``prompts``, each distinct prompt encoded once (a group repeats one prompt G times:
-        the text encoders run on B / G prompts, and the rows are shared)."""
+        the text encoders run on B / G prompts, and the rows are shared), and only if :attr:`prompt_cache` does
+        not hold it from an earlier batch."""
         prompts = list(prompts)
         distinct = list(dict.fromkeys(prompts))
-        with torch.no_grad():
-            cond = self.adapter.encode_prompt(distinct, self.device)
-        if len(distinct) == len(prompts):
+        cached = {p: row for p in distinct if (row := self.prompt_cache.get(p)) is not None}
+        missing = [p for p in distinct if p not in cached]
+        parts, order = [], []
+        if cached:
+            parts.append(Conditioning.cat(list(cached.values())).to(self.device))
+            order += list(cached)
+        if missing:
+            with torch.no_grad():
+                parts.append(self.adapter.encode_prompt(missing, self.device))
+            self.prompt_cache.put(missing, parts[-1])
+            order += missing
+        cond = parts[0] if len(parts) == 1 else Conditioning.cat(parts)
+        if order == prompts:
             return cond
-        row = {p: i for i, p in enumerate(distinct)}
+        row = {p: i for i, p in enumerate(order)}
         return cond.select([row[p] for p in prompts])
 
     def null_condition(self, batch_size: int) -> Conditioning:
