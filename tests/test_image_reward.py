@@ -276,6 +276,6 @@ def test_scores_are_finite_one_per_image_and_do_not_depend_on_batching(tiny):
     whole = build_reward("image_reward", model_name_or_path=tiny["path"])(imgs, prompts)
     batched = build_reward("image_reward", model_name_or_path=tiny["path"], batch_size=3)(imgs, prompts)
     assert whole.shape == (7,) and whole.dtype == torch.float32 and torch.isfinite(whole).all()
-    torch.testing.assert_close(batched, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(batched, whole, atol=1e-6, rtol=1e-5)  # scores ~200: float32 rounding of the batch
     half = build_reward("image_reward", model_name_or_path=tiny["path"], scale=0.5)(imgs[:1], prompts[:1])
     torch.testing.assert_close(half, whole[:1] / 2)

@@ -16,7 +16,7 @@ def test_each_distinct_prompt_is_encoded_once(tiny_sd3_path):
     policy.adapter.encode_prompt = lambda prompts, device: seen.append(list(prompts)) or original(prompts, device)
     prompts = ["a red circle"] * 3 + ["two blue squares"] * 3 + ["a red circle"]
     cond = policy.encode_prompt(prompts)
-    assert seen == [["a red circle", "two blue squares"]]  # a group's prompt once, not G times
+    assert seen == [["a red circle"], ["two blue squares"]]  # a group's prompt once, not G times; each on its own
     plain = original(prompts, policy.device)  # every sample encoded, as before
     for key in plain.tensors:
         torch.testing.assert_close(cond.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
@@ -32,8 +32,9 @@ def _encoder_calls(policy) -> list[list[str]]:
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "wan"])
 def test_prompts_seen_before_come_from_the_cache_with_the_same_conditioning(tiny_pipeline_path, family):
-    """A later batch encodes only its new prompts; its conditioning equals a cache-less policy's encoding of the
-    same batch (every tensor, per-sample and shared field) to float32 rounding."""
+    """A later batch encodes only its new prompts; its conditioning is a cache-less policy's encoding of the same
+    batch bit for bit (every tensor, per-sample and shared field): a prompt's row does not depend on the prompts
+    encoded beside it, so a resumed run, which starts with an empty cache, repeats the uninterrupted one."""
     from flowrl.policy.adapter import Conditioning
 
     path = tiny_pipeline_path(family)
@@ -43,16 +44,29 @@ def test_prompts_seen_before_come_from_the_cache_with_the_same_conditioning(tiny
     cached.encode_prompt(["a red circle", "two blue squares"])
     batch = ["a photo of a cat", "two blue squares", "a red circle", "a photo of a cat"]
     cond, want = cached.encode_prompt(batch), plain.encode_prompt(batch)
-    assert seen == [["a red circle", "two blue squares"], ["a photo of a cat"]]
+    assert seen == [["a red circle"], ["two blue squares"], ["a photo of a cat"]]
     assert isinstance(cond, Conditioning) and len(cond) == 4
     assert cond.tensors.keys() == want.tensors.keys() and cond.per_sample == want.per_sample
     for key in want.tensors:
         assert cond.tensors[key].dtype == want.tensors[key].dtype
-        torch.testing.assert_close(cond.tensors[key], want.tensors[key], rtol=0, atol=1e-6, msg=key)
+        assert torch.equal(cond.tensors[key], want.tensors[key]), key
     for key, value in want.shared.items():
         assert torch.equal(cond.shared[key], value) if isinstance(value, torch.Tensor) else cond.shared[key] == value
     cached.encode_prompt(batch)  # everything known now: no encoder call
-    assert len(seen) == 2 and cached.prompt_cache.hits >= 4
+    assert len(seen) == 3 and cached.prompt_cache.hits >= 4
+
+
+def test_a_rollout_from_cached_prompts_keeps_the_on_policy_ratios_exactly_one(tiny_sd3_path):
+    from tiny import assert_on_policy_ratios_are_one, randomize_lora
+
+    module = make_module(GRPO, tiny_sd3_path)
+    randomize_lora(module)
+    prompts = ["a red circle"] * 2 + ["two blue squares"] * 2
+    module.rollout(prompts)  # the first iteration encodes them
+    seen = _encoder_calls(module.policy)
+    rollout = module.rollout(prompts)
+    assert seen == [] and module.policy.prompt_cache.hits >= 2
+    assert_on_policy_ratios_are_one(module, rollout, torch.tensor([1.0, -1.0, 0.5, -0.5]))
 
 
 def test_the_prompt_cache_keeps_to_its_budget_least_recently_used_first(tiny_sd3_path):
@@ -67,7 +81,7 @@ def test_the_prompt_cache_keeps_to_its_budget_least_recently_used_first(tiny_sd3
     assert len(policy.prompt_cache) == 2 and "b" not in policy.prompt_cache
     assert policy.prompt_cache.nbytes <= policy.prompt_cache.max_bytes
     policy.encode_prompt(["a", "c", "b"])
-    assert seen == [["a", "b"], ["c"], ["b"]]
+    assert seen == [["a"], ["b"], ["c"], ["b"]]
     off = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, lora_rank=2, prompt_cache_mb=0)
     seen = _encoder_calls(off)
     off.encode_prompt(["a"])

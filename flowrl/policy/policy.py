@@ -235,7 +235,11 @@ class FlowMatchingPolicy(nn.Module):
     def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
         """The conditioning of ``prompts``, each distinct prompt encoded once (a group repeats one prompt G times:
         the text encoders run on B / G prompts, and the rows are shared), and only if :attr:`prompt_cache` does
-        not hold it from an earlier batch."""
+        not hold it from an earlier batch.
+
+        Each prompt is encoded on its own: batched, a row's last bits depend on the prompts beside it (the pooled
+        CLIP projection differs by an ulp), and a cached row, a fresh one and a resumed run's must agree bit for
+        bit."""
         prompts = list(prompts)
         distinct = list(dict.fromkeys(prompts))
         cached = {p: row for p in distinct if (row := self.prompt_cache.get(p)) is not None}
@@ -246,8 +250,10 @@ class FlowMatchingPolicy(nn.Module):
             order += list(cached)
         if missing:
             with torch.no_grad():
-                parts.append(self.adapter.encode_prompt(missing, self.device))
-            self.prompt_cache.put(missing, parts[-1])
+                fresh = [self.adapter.encode_prompt([p], self.device) for p in missing]
+            for p, row in zip(missing, fresh):
+                self.prompt_cache.put([p], row)
+            parts += fresh
             order += missing
         cond = parts[0] if len(parts) == 1 else Conditioning.cat(parts)
         if order == prompts:
