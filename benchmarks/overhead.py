@@ -85,7 +85,6 @@ class Recorder:
 
     def __init__(self, transformer):
         self.inside = 0.0
-        self.per_iteration: list[float] = []  # seconds inside the forwards, each measured iteration
         self.capture = False
         self.replaying = False  # the floor replays: not part of the run's time
         self.calls: list[dict] = []

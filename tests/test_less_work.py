@@ -9,11 +9,18 @@ from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 
 
-def test_each_distinct_prompt_is_encoded_once(tiny_sd3_path):
-    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="lora", lora_rank=2)
+def _encoder_calls(policy) -> list[list[str]]:
+    """The prompt lists ``policy``'s adapter is asked to encode, from now on."""
     seen = []
     original = policy.adapter.encode_prompt
     policy.adapter.encode_prompt = lambda prompts, device: seen.append(list(prompts)) or original(prompts, device)
+    return seen
+
+
+def test_each_distinct_prompt_is_encoded_once(tiny_sd3_path):
+    policy = FlowMatchingPolicy.from_pretrained(tiny_sd3_path, finetune_type="lora", lora_rank=2)
+    original = policy.adapter.encode_prompt
+    seen = _encoder_calls(policy)
     prompts = ["a red circle"] * 3 + ["two blue squares"] * 3 + ["a red circle"]
     cond = policy.encode_prompt(prompts)
     assert seen == [["a red circle"], ["two blue squares"]]  # a group's prompt once, not G times; each on its own
@@ -21,13 +28,6 @@ def test_each_distinct_prompt_is_encoded_once(tiny_sd3_path):
     for key in plain.tensors:
         torch.testing.assert_close(cond.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
     assert torch.equal(cond.tensors["prompt_embeds"][0], cond.tensors["prompt_embeds"][6])
-
-
-def _encoder_calls(policy) -> list[list[str]]:
-    seen = []
-    original = policy.adapter.encode_prompt
-    policy.adapter.encode_prompt = lambda prompts, device: seen.append(list(prompts)) or original(prompts, device)
-    return seen
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "wan"])

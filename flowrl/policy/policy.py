@@ -242,24 +242,19 @@ class FlowMatchingPolicy(nn.Module):
         bit."""
         prompts = list(prompts)
         distinct = list(dict.fromkeys(prompts))
-        cached = {p: row for p in distinct if (row := self.prompt_cache.get(p)) is not None}
-        missing = [p for p in distinct if p not in cached]
-        parts, order = [], []
-        if cached:
-            parts.append(Conditioning.cat(list(cached.values())).to(self.device))
-            order += list(cached)
-        if missing:
-            with torch.no_grad():
-                fresh = [self.adapter.encode_prompt([p], self.device) for p in missing]
-            for p, row in zip(missing, fresh):
-                self.prompt_cache.put([p], row)
-            parts += fresh
-            order += missing
-        cond = parts[0] if len(parts) == 1 else Conditioning.cat(parts)
-        if order == prompts:
+        rows = []
+        for p in distinct:
+            row = self.prompt_cache.get(p)
+            if row is None:
+                with torch.no_grad():
+                    row = self.adapter.encode_prompt([p], self.device)
+                self.prompt_cache.put(p, row)
+            rows.append(row.to(self.device))
+        cond = Conditioning.cat(rows)
+        if len(distinct) == len(prompts):
             return cond
-        row = {p: i for i, p in enumerate(order)}
-        return cond.select([row[p] for p in prompts])
+        index = {p: i for i, p in enumerate(distinct)}
+        return cond.select([index[p] for p in prompts])
 
     def null_condition(self, batch_size: int) -> Conditioning:
         """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""

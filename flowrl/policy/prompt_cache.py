@@ -13,7 +13,6 @@ distinct prompts are looked up row by row and the bound is in bytes (an SD3.5 ro
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 
@@ -53,27 +52,21 @@ class PromptCache:
         self._rows.move_to_end(prompt)
         return row
 
-    def put(self, prompts: Sequence[str], cond: Conditioning) -> None:
-        """Keeps row ``i`` of ``cond`` (on the host) as ``prompts[i]``'s, evicting the least recently used."""
+    def put(self, prompt: str, row: Conditioning) -> None:
+        """Keeps the one-sample ``row`` (a copy on the host) as ``prompt``'s, evicting the least recently used."""
         if self.max_bytes <= 0:
             return
-        host = cond.to("cpu")
-        for i, prompt in enumerate(prompts):
-            row = host.select(slice(i, i + 1))
-            # own storage: a view would keep the whole batch's tensor alive
-            row = Conditioning({k: v.clone() for k, v in row.tensors.items()}, row.per_sample, row.shared)
-            size = _nbytes(row)
-            if size > self.max_bytes:
-                continue
-            old = self._rows.pop(prompt, None)
-            if old is not None:
-                self._bytes -= _nbytes(old)
-            self._rows[prompt] = row
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._rows.popitem(last=False)
-                self._bytes -= _nbytes(evicted)
-
-    def clear(self) -> None:
-        self._rows.clear()
-        self._bytes = 0
+        host = row.to("cpu")
+        # own storage: the caller's tensors stay the caller's to change
+        row = Conditioning({k: v.clone() for k, v in host.tensors.items()}, host.per_sample, host.shared)
+        size = _nbytes(row)
+        if size > self.max_bytes:
+            return
+        old = self._rows.pop(prompt, None)
+        if old is not None:
+            self._bytes -= _nbytes(old)
+        self._rows[prompt] = row
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, evicted = self._rows.popitem(last=False)
+            self._bytes -= _nbytes(evicted)
