@@ -73,7 +73,7 @@ def run(config: str, samples: int, overrides: list[str]) -> dict:
 
     def outcome(latents: torch.Tensor, steps: list[int], seed: int) -> dict:
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            images = module.sample(
+            images = module.sampler.sample(
                 prompts,
                 size,
                 size,

@@ -50,7 +50,7 @@ def test_on_policy_ratio_is_exactly_one_through_the_module(tiny_sd3_path, weight
     randomize_lora(module)
     rollout = module.rollout(PROMPTS)
     units = module.training_units(rollout)
-    for sl in module._chunks(4):
+    for sl in module.sampler.chunks(4):
         idx = torch.arange(4)[sl]
         for k in units:
             out = module.training_loss(rollout, ADV, idx, k)
@@ -66,10 +66,10 @@ def test_loss_equals_the_loss_function(tiny_sd3_path):
     idx = torch.tensor([2, 3])
     for k in units:
         out = module.training_loss(rollout, ADV, idx, k)
-        x0, eps, t = rollout.final[idx], rollout.extras["noise"][k, idx], rollout.extras["times"][idx, k]
+        x0, eps, t = rollout.final[idx], rollout.forward.noise[k, idx], rollout.forward.times[idx, k]
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         v = module.policy.velocity(x_t, t, rollout.cond.select(idx), 1.0)
-        expected = awm_loss(v, rollout.extras["v_old"][k, idx], eps - x0, t, ADV[idx], "ghuber", 1e-3, 5.0, 0.5)
+        expected = awm_loss(v, rollout.forward.v_old[k, idx], eps - x0, t, ADV[idx], "ghuber", 1e-3, 5.0, 0.5)
         assert torch.equal(out["loss"], expected["loss"]) and torch.equal(out["ratio"], expected["ratio"])
         assert not torch.equal(out["ratio"], torch.ones_like(out["ratio"]))
 
@@ -130,11 +130,11 @@ def test_ema_velocity_on_and_off_policy(tiny_sd3_path, prompt_file):
                             enable_progress_bar=False, use_distributed_sampler=False,
                             callbacks=[ema, OffPolicySampling(off_policy=off_policy)])
         trainer.fit(module, datamodule=PromptDataModule(prompt_file, group_size=2, batch_size=4))
-        last = module.rollouts[-1].extras
+        last = module.rollouts[-1].forward
         if off_policy:
-            assert last["v_ema"] is last["v_old"]
+            assert last.v_ema is last.v_old
         else:  # the second iteration samples with the trained weights; the EMA stayed at the initial ones
-            assert not torch.allclose(last["v_ema"], last["v_old"])
+            assert not torch.allclose(last.v_ema, last.v_old)
         assert "train/ema_kl_loss" in trainer.logged_metrics
 
 

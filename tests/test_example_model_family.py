@@ -60,7 +60,7 @@ def test_ode_sampling_equals_the_stock_pipeline(example):
     assert isinstance(policy.adapter, example.ZImageAdapter) and set(policy.frozen) == {"vae", "text_encoder"}
     x = policy.prepare_latents(2, h, w, torch.Generator().manual_seed(1))
     assert x.shape == (2, 4, 8, 12)
-    ours = module.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
+    ours = module.sampler.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
     call = dict(height=h, width=w, num_inference_steps=n, guidance_scale=CFG - 1, latents=x,
                 max_sequence_length=policy.adapter.max_sequence_length)
     stock = pipe(list(TWO), output_type="latent", **call).images  # (a copy: the stock encoder edits the list)
@@ -69,7 +69,7 @@ def test_ode_sampling_equals_the_stock_pipeline(example):
     assert torch.equal(ours.final, stock)
     assert torch.equal(ours.images, pipe(list(TWO), output_type="pt", **call).images)
     # no guidance: flowrl's scale 1 is the stock guidance_scale 0 (one branch), and guidance really changed things
-    plain = module.sample(TWO, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
+    plain = module.sampler.sample(TWO, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
     assert torch.equal(plain.final, pipe(list(TWO), output_type="latent", **{**call, "guidance_scale": 0.0}).images)
     assert (plain.final - ours.final).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="multiples of 4"):

@@ -83,7 +83,7 @@ def test_ode_sampling_equals_the_stock_pipeline(flux_path, variant):
     policy, h, w, n = module.policy, 16, 24, 4
     x = policy.prepare_latents(2, h, w, torch.Generator().manual_seed(1))
     prompts = ["a red circle", "two blue squares"]
-    ours = module.sample(prompts, h, w, n, GUIDANCE[variant], torch.Generator().manual_seed(0), latents=x)
+    ours = module.sampler.sample(prompts, h, w, n, GUIDANCE[variant], torch.Generator().manual_seed(0), latents=x)
     pipe = policy.pipeline  # the stock pipeline object holding the very same modules
     stock = pipe(prompts, height=h, width=w, num_inference_steps=n, guidance_scale=GUIDANCE[variant],
                  latents=policy.adapter.pack(x), max_sequence_length=16, output_type="latent").images
@@ -92,7 +92,7 @@ def test_ode_sampling_equals_the_stock_pipeline(flux_path, variant):
     torch.testing.assert_close(policy.adapter.pack(ours.final), stock, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(policy.adapter.unpack(stock, h // 2, w // 2), ours.final, rtol=1e-5, atol=1e-5)
     if variant == "dev":  # the guidance scale really is an input of the denoiser
-        other = module.sample(prompts, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
+        other = module.sampler.sample(prompts, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
         assert not torch.allclose(other.final, ours.final)
 
 

@@ -43,7 +43,7 @@ def test_on_policy_ratio_is_one_and_loss_matches_the_formula(tiny_sd3_path):
     rollout = module.rollout(PROMPTS)
     assert rollout.means is not None and rollout.means.shape == rollout.latents.shape
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    for sl in module._chunks(4):
+    for sl in module.sampler.chunks(4):
         idx = torch.arange(4)[sl]
         for k in module.training_units(rollout):
             out = module.training_loss(rollout, advantages, idx, k)

@@ -50,25 +50,25 @@ def test_training_data_and_loss_equal_the_loss_function(tiny_sd3_path):
     randomize_lora(module)
     rollout = module.rollout(PROMPTS)
     units = module.training_units(rollout)
-    extras = rollout.extras
+    forward = rollout.forward
     assert units == [0, 1]
-    assert extras["times"].shape == (4, 2) and extras["noise"].shape == (2, *rollout.final.shape)
+    assert forward.times.shape == (4, 2) and forward.noise.shape == (2, *rollout.final.shape)
     # discrete_with_init: the first training time of every sample is the sampler's first (noisiest) step.
-    assert torch.equal(extras["times"][:, 0], rollout.sigmas[0].expand(4))
+    assert torch.equal(forward.times[:, 0], rollout.sigmas[0].expand(4))
     # the draw is seeded: the same iteration gives the same times and noise
     again = module.rollout(PROMPTS)
     module.training_units(again)
-    assert torch.equal(again.extras["times"], extras["times"]) and torch.equal(again.extras["noise"], extras["noise"])
+    assert torch.equal(again.forward.times, forward.times) and torch.equal(again.forward.noise, forward.noise)
 
-    for sl in module._chunks(4):
+    for sl in module.sampler.chunks(4):
         idx = torch.arange(4)[sl]
         for k in units:
             out = module.training_loss(rollout, ADV, idx, k)
-            x0, eps, t = rollout.final[idx], extras["noise"][k, idx], extras["times"][idx, k]
+            x0, eps, t = rollout.final[idx], forward.noise[k, idx], forward.times[idx, k]
             x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
             cond = rollout.cond.select(idx)
             v = module.policy.velocity(x_t, t, cond, 2.0)
-            v_old = extras["v_old"][k, idx]
+            v_old = forward.v_old[k, idx]
             # on-policy, before any update, the old velocity is the live one (bit for bit) ...
             assert torch.equal(v_old, v.detach())
             # ... so the implicit positive and negative policies coincide
@@ -83,10 +83,10 @@ def test_old_velocity_is_fixed_before_updates(tiny_sd3_path):
     module = make_nft(tiny_sd3_path)
     rollout = module.rollout(PROMPTS)
     module.training_units(rollout)
-    v_old = rollout.extras["v_old"].clone()
+    v_old = rollout.forward.v_old.clone()
     randomize_lora(module, 0.5)
     out = module.training_loss(rollout, ADV, torch.arange(2), 0)
-    assert torch.equal(rollout.extras["v_old"], v_old)
+    assert torch.equal(rollout.forward.v_old, v_old)
     assert not torch.allclose(out["positive_loss"], out["negative_loss"])
 
 
@@ -104,10 +104,10 @@ def test_kl_to_the_reference_uses_the_base_model(tiny_sd3_path):
     cond = rollout.cond.select(idx)
     with module.policy.adapter_disabled(), torch.no_grad():
         v_base = module.policy.velocity(x_t, t, cond, 1.0)
-    assert torch.equal(rollout.extras["v_ref"][1, idx], v_base)
+    assert torch.equal(rollout.forward.v_ref[1, idx], v_base)
     out = module.training_loss(rollout, ADV, idx, 1)
     v = module.policy.velocity(x_t, t, cond, 1.0)
-    expected = nft_loss(v, rollout.extras["v_old"][1, idx], x_t, x0, t, ADV[idx], 1.0, 5.0, v_base, 0.5)
+    expected = nft_loss(v, rollout.forward.v_old[1, idx], x_t, x0, t, ADV[idx], 1.0, 5.0, v_base, 0.5)
     assert torch.equal(out["loss"], expected["loss"]) and out["kl_loss"] > 0
     out["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.trainable_parameters())
@@ -138,11 +138,16 @@ def test_configuration_errors(tiny_sd3_path, kw, match):
 class RecordingNFT(NFT):
     """Records the weights that sampled each rollout, and the rollouts."""
 
-    def sample(self, *args, **kwargs):
-        if self.trainer.training:
-            self.sampled_with = getattr(self, "sampled_with", [])
-            self.sampled_with.append({n: p.detach().clone() for n, p in self.policy.named_trainable_parameters()})
-        return super().sample(*args, **kwargs)
+    def on_fit_start(self):
+        super().on_fit_start()
+        draw, self.sampled_with = self.sampler.sample, []
+
+        def recording_sample(*args, **kwargs):  # the weights in the model while a training rollout samples
+            if self.trainer.training:
+                self.sampled_with.append({n: p.detach().clone() for n, p in self.policy.named_trainable_parameters()})
+            return draw(*args, **kwargs)
+
+        self.sampler.sample = recording_sample
 
     def training_units(self, rollout):
         units = super().training_units(rollout)
@@ -169,10 +174,10 @@ def test_off_policy_rollouts_use_ema_weights_while_live_weights_train(tiny_sd3_p
         assert all(torch.equal(weights[n], initial[n]) for n in initial)
     # v_old of the last iteration is the EMA policy's velocity, not the live one's
     rollout = module.rollouts[-1]
-    units = list(range(rollout.extras["times"].shape[1]))
+    units = list(range(rollout.forward.num_units))
     with ema.swapped(module):
         v_ema = module._frozen_velocities(rollout, units)
-    assert torch.equal(rollout.extras["v_old"], v_ema)
+    assert torch.equal(rollout.forward.v_old, v_ema)
     assert not torch.allclose(module._frozen_velocities(rollout, units), v_ema)
 
 

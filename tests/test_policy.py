@@ -144,7 +144,7 @@ def test_sd3_ode_sampling_equals_the_stock_pipeline(tiny_sd3_path):
     policy, h, w, n, g = module.policy, 16, 16, 4, 3.0
     x = policy.prepare_latents(2, h, w, torch.Generator().manual_seed(1))
     prompts = ["a red circle", "two blue squares"]
-    ours = module.sample(prompts, h, w, n, g, torch.Generator().manual_seed(0), latents=x)
+    ours = module.sampler.sample(prompts, h, w, n, g, torch.Generator().manual_seed(0), latents=x)
     pipe = policy.pipeline
     stock = pipe(prompts, height=h, width=w, num_inference_steps=n, guidance_scale=g, latents=x.clone(),
                  max_sequence_length=policy.adapter.max_sequence_length, output_type="latent").images  # 0: no T5 tokens

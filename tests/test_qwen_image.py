@@ -97,7 +97,7 @@ def test_ode_sampling_equals_the_stock_pipeline(qwen_path, monkeypatch):
     module = make_qwen(GRPO, qwen_path, policy=PolicyConfig(qwen_path, finetune_type="full"))
     policy, h, w, n = module.policy, 16, 24, 4
     x = policy.prepare_latents(2, h, w, torch.Generator().manual_seed(1))
-    ours = module.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
+    ours = module.sampler.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
     pipe = policy.pipeline  # the stock pipeline object holding the very same modules
     call = dict(negative_prompt=[" "] * 2, true_cfg_scale=CFG, height=h, width=w, num_inference_steps=n)
     stock = pipe(TWO, latents=policy.adapter.pack(x), output_type="latent", **call).images
@@ -109,13 +109,13 @@ def test_ode_sampling_equals_the_stock_pipeline(qwen_path, monkeypatch):
     torch.testing.assert_close(ours.images, stock_images, rtol=1e-5, atol=1e-5)
     # no guidance (the stock pipeline without a negative prompt), prompts of one length (no text mask)
     same = [TWO[1]] * 2
-    plain = module.sample(same, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
+    plain = module.sampler.sample(same, h, w, n, 1.0, torch.Generator().manual_seed(0), latents=x)
     stock_plain = pipe(same, latents=policy.adapter.pack(x), output_type="latent", height=h, width=w,
                        num_inference_steps=n, true_cfg_scale=1.0).images
     torch.testing.assert_close(policy.adapter.pack(plain.final), stock_plain, rtol=1e-5, atol=1e-5)
     # without the norm rescale flowrl would not be the stock sampler
     monkeypatch.setattr(QwenImageAdapter, "combine_guidance", ModelAdapter.combine_guidance)
-    plain = module.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
+    plain = module.sampler.sample(TWO, h, w, n, CFG, torch.Generator().manual_seed(0), latents=x)
     assert (policy.adapter.pack(plain.final) - stock).abs().max() > 1e-3
 
 

@@ -89,7 +89,7 @@ def eval_reward(module, settings: dict | None = None) -> float:
     prompts = [p for p in s["prompts"] for _ in range(s["eval_samples_per_prompt"])]
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        out = module.sample(prompts, module.height, module.width, module.num_inference_steps,
+        out = module.sampler.sample(prompts, module.height, module.width, module.num_inference_steps,
                             module.guidance_scale, gen)
     return float(module.reward_fn(out.images, prompts).mean())
 

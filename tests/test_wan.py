@@ -94,7 +94,7 @@ def test_ode_sampling_equals_the_stock_pipeline(wan_path, guidance_scale, expand
         pipe.register_to_config(expand_timesteps=expand_timesteps)  # Wan2.2 TI2V's per-token timesteps
     prompts = ["a red circle", "two blue squares"]
     noise = module.policy.prepare_latents(2, 16, 16, torch.Generator().manual_seed(3))
-    out = module.sample(prompts, 16, 16, 4, guidance_scale, torch.Generator().manual_seed(0), latents=noise)
+    out = module.sampler.sample(prompts, 16, 16, 4, guidance_scale, torch.Generator().manual_seed(0), latents=noise)
     seen = {}
 
     def keep_latents(pipe, i, t, kwargs):

@@ -81,7 +81,7 @@ def assert_on_policy_ratios_are_one(module, rollout, advantages):
     """The training pass recomputes every rollout log-prob bit for bit: every ratio of every micro-batch and
     trained step is exactly 1 before any update."""
     n = len(rollout.prompts)
-    for sl in module._chunks(n):
+    for sl in module.sampler.chunks(n):
         idx = torch.arange(n)[sl]
         for k in module.training_units(rollout):
             out = module.training_loss(rollout, advantages, idx, k)

@@ -7,11 +7,11 @@ import warnings
 
 import torch
 
-from flowrl.algorithms.base import Rollout
 from flowrl.algorithms.decoupled import DecoupledModule, _disabled
 from flowrl.errors import ConfigError
 from flowrl.losses import AWM_WEIGHTINGS, awm_loss
 from flowrl.policy import PolicyConfig
+from flowrl.rollout import Rollout
 from flowrl.validation import check_number
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class AWM(DecoupledModule):
         v = self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
         out = awm_loss(
             v,
-            self._frozen(rollout, "v_old", idx, k),
+            self._frozen(rollout.forward.v_old, idx, k),
             eps - x0,
             t,
             advantages[idx],
@@ -97,9 +97,9 @@ class AWM(DecoupledModule):
             self.clip_range,
             self.adv_clip_range,
             self.ghuber_power,
-            v_ref=self._frozen(rollout, "v_ref", idx, k),
+            v_ref=self._frozen(rollout.forward.v_ref, idx, k),
             kl_beta=self._kl_beta(),
-            v_ema=self._frozen(rollout, "v_ema", idx, k),
+            v_ema=self._frozen(rollout.forward.v_ema, idx, k),
             ema_kl_beta=self.ema_kl_beta,
         )
         out["train_time_mean"] = t.detach().float().mean()

@@ -8,9 +8,7 @@ dynamics are allowed (``needs_log_prob``) and how to turn stored data into a los
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
@@ -25,12 +23,13 @@ from torchmetrics.aggregation import MeanMetric
 from callbacks import ReferenceModel, enter_sampling_contexts
 from flowrl.advantages import ADVANTAGE_AGGREGATIONS, gdpo_advantages, group_advantages
 from flowrl.checkpoint import use_atomic_checkpoints
-from flowrl.dynamics import ODE, build_dynamics
+from flowrl.dynamics import build_dynamics
 from flowrl.dynamics.selection import StepSelector
 from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
 from flowrl.rewards import RewardError, RewardSpec, WeightedReward
 from flowrl.rewards.scoring import AsyncScorer
+from flowrl.rollout import Rollout, RolloutSampler, keyed_generator, per_sample_generators
 from flowrl.validation import check_number, check_range_option
 
 #: upper bound of noise_level per stochastic dynamics: (bound, exclusive, why). Flow-SDE and Dance-SDE at the
@@ -72,23 +71,6 @@ class EvalConfig:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int = 0
-
-
-@dataclass
-class Rollout:
-    """What sampling stored for one batch. Step tensors are indexed ``[:, k]`` for trained step k."""
-
-    prompts: list[str]
-    cond: Conditioning
-    sigmas: torch.Tensor  # (N + 1,) float32, descending to 0
-    train_steps: list[int]  # indices i into sigmas: step i goes sigmas[i] -> sigmas[i + 1]
-    latents: torch.Tensor | None  # (B, K, ...) x at each trained step
-    next_latents: torch.Tensor | None  # (B, K, ...) the sample drawn at that step
-    log_probs: torch.Tensor | None  # (B, K) float32
-    means: torch.Tensor | None  # (B, K, ...) step means (GRPO-Guard, x-based KL)
-    final: torch.Tensor  # (B, ...) clean latents
-    images: torch.Tensor  # (B, C, H, W) in [0, 1]
-    extras: dict = field(default_factory=dict)
 
 
 #: what a failing reward (raises, non-finite or wrong-length scores) does: ``stop`` raises before any update of
@@ -217,7 +199,6 @@ class FlowRLModule(L.LightningModule):
         self.check_dynamics(dynamics_type)
         self.step_selector = StepSelector(num_inference_steps, train_steps, num_train_steps, seed, window_size,
                                           window_shift_interval, 1 if window_stride is None else window_stride)
-        self.ode = ODE()
         # One WeightedReward in every case (a plain callable is its one term): its checks guard every reward.
         self.reward_fn = rewards if isinstance(rewards, WeightedReward) else WeightedReward.from_specs(
             [rewards] if callable(rewards) else rewards or [RewardSpec("jpeg_compressibility")]
@@ -231,6 +212,7 @@ class FlowRLModule(L.LightningModule):
             policy = PolicyConfig(**policy)
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
+        self.sampler = RolloutSampler(self.policy, self.dynamics, train_batch_size, rollout_batch_size, self.profile)
         self._check_schedule()
         self.check_guidance(guidance_scale, self.eval_config.guidance_scale)
         eval_h, eval_w = _hw(self.eval_config.resolution or [self.height, self.width])
@@ -379,127 +361,14 @@ class FlowRLModule(L.LightningModule):
         profiler = getattr(self._trainer, "profiler", None)
         return profiler.profile(f"[flowrl] {phase}") if profiler is not None else contextlib.nullcontext()
 
-    def _generator(self, *salt: int) -> torch.Generator:
-        key = zlib.crc32(repr((self.seed, *salt)).encode())
-        return torch.Generator().manual_seed(key)
+    def _generator(self, *salt) -> torch.Generator:
+        return keyed_generator(self.seed, *salt)
 
     def _sample_generators(self, n: int, *salt) -> list[torch.Generator]:
         """One generator per sample of this process's batch of ``n``, keyed by the sample's index in the global
         batch (``global_rank * n + j``): the draws do not depend on how many processes share the batch, nor on
         the micro-batching."""
-        first = self.global_rank * n
-        return [self._generator(*salt, first + j) for j in range(n)]
-
-    @staticmethod
-    def _slices(n: int, size: int | None) -> list[slice]:
-        size = size or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-    def _chunks(self, n: int) -> list[slice]:
-        """The micro-batches: ``train_batch_size`` samples each."""
-        return self._slices(n, self.train_batch_size)
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[str],
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator | Sequence[torch.Generator],
-        train_steps: Sequence[int] = (),
-        store: str = "final",
-        latents: torch.Tensor | None = None,
-        on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
-    ) -> Rollout:
-        """Sample ``prompts``; steps in ``train_steps`` use the SDE dynamics, the rest the ODE.
-
-        ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps.
-        The trained steps' forward passes go in chunks of ``train_batch_size`` so that training recomputes every
-        log-prob in exactly the same batches (on-policy ratios are then exactly 1); the other steps in chunks of
-        ``rollout_batch_size`` (default: the same). ``on_chunk(slice, images)`` is called as each chunk's images
-        are decoded. ``generator``: one for the batch, or one per sample (each
-        sample's starting noise, then its step noise, from its own).
-        """
-        policy = self.policy
-        n = len(prompts)
-        with self.profile("encode_prompt"):
-            cond = policy.encode_prompt(prompts)
-        sigmas = policy.sigmas(num_inference_steps, height, width)
-        if isinstance(generator, torch.Generator):
-            x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
-            noise = torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
-        else:
-            if len(generator) != n:
-                raise ValueError(f"{len(generator)} generators for {n} samples")
-            starts, noise = [], []
-            for g in generator:  # the start is drawn even when ``latents`` are given: the step noise stays the same
-                starts.append(policy.prepare_latents(1, height, width, g))
-                noise.append(torch.randn((num_inference_steps, *starts[-1].shape), generator=g))
-            x = torch.cat(starts) if latents is None else latents.to(policy.device)
-            noise = torch.cat(noise, dim=1).to(x.device)
-        trained = sorted(train_steps)
-        keep = store == "trajectory" and trained
-        keep_uncond = keep and self.stores_uncond_velocity(guidance_scale)
-        record = {i: [] for i in trained} if keep else {}  # trained step -> its chunks' tensors, in sample order
-        steps = (policy, cond, sigmas, noise, guidance_scale, trained, record, keep_uncond)
-        finals, images = [], []
-        train_chunks, wide_chunks = self._chunks(n), self._rollout_chunks(n)
-        if wide_chunks == train_chunks:
-            # Micro-batch by micro-batch (the same batches, noise and arithmetic as step by step over all of
-            # them), so that a finished micro-batch can be scored (``on_chunk``) while the next one samples.
-            for sl in train_chunks:
-                with self.profile("sampling_steps"):
-                    finals.append(self._sampling_steps(x, range(num_inference_steps), [sl], *steps))
-                with self.profile("decode"):
-                    images.append(policy.decode(finals[-1]))
-                if on_chunk is not None:
-                    on_chunk(sl, images[-1])
-        else:
-            # Step by step over the batch: the trained steps in the micro-batches training recomputes them in
-            # (exact log-probs), every other step in chunks of rollout_batch_size.
-            with self.profile("sampling_steps"):
-                for is_trained, run in itertools.groupby(range(num_inference_steps), key=lambda i: i in trained):
-                    x = self._sampling_steps(x, list(run), train_chunks if is_trained else wide_chunks, *steps)
-            finals = [x]
-            with self.profile("decode"):
-                images = [policy.decode(x[sl]) for sl in wide_chunks]
-        # each stored field, (B, K, ...): a trained step's chunks in sample order, the K trained steps stacked
-        fields = {"latents": 0, "next": 1, "log_probs": 2, "means": 3, "v_uncond": 4} if keep else {}
-        if not self.stores_means:
-            fields.pop("means", None)
-        if not keep_uncond:
-            fields.pop("v_uncond", None)
-        parts = {name: torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
-                 for name, f in fields.items()}
-        extras = {"v_uncond": parts["v_uncond"]} if "v_uncond" in parts else {}
-        return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next"),
-                       parts.get("log_probs"), parts.get("means"), torch.cat(finals), torch.cat(images), extras)
-
-    def _sampling_steps(self, x, steps, slices, policy, cond, sigmas, noise, guidance_scale, trained, record,
-                        keep_uncond) -> torch.Tensor:
-        """Steps ``steps`` of the samples in ``slices`` (of the whole batch ``x``): their latents after them.
-        The trained steps (SDE dynamics) record their inputs, samples, log-probs, means and unconditional branch."""
-        outs = []
-        for sl in slices:
-            xc, chunk_cond = x[sl], cond.select(sl)
-            for i in steps:
-                dyn = self.dynamics if i in trained else self.ode
-                s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-                v_u = policy.unconditional_velocity(xc, s) if keep_uncond and i in trained else None
-                v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
-                out = dyn.step(xc, v, s, s_next, noise=noise[i, sl])
-                if i in record:
-                    record[i].append((xc, out.prev_sample, out.log_prob, out.mean, v_u))
-                xc = out.prev_sample
-            outs.append(xc)
-        return torch.cat(outs)
-
-    def _rollout_chunks(self, n: int) -> list[slice]:
-        """The batches of the untrained sampling steps: ``rollout_batch_size`` samples, else the micro-batches."""
-        return self._chunks(n) if self.rollout_batch_size is None else self._slices(n, self.rollout_batch_size)
+        return per_sample_generators(self.seed, n, *salt, first=self.global_rank * n)
 
     #: the algorithm recomputes the rollout's guided velocities at the trained steps (coupled trainers), so the
     #: unconditional branch there can be kept from the rollout (:meth:`stores_uncond_velocity`)
@@ -543,9 +412,11 @@ class FlowRLModule(L.LightningModule):
         self.policy.eval()
         try:
             with enter_sampling_contexts(self._trainer, self):
-                return self.sample(prompts, self.height, self.width, self.num_inference_steps, self.guidance_scale,
-                                   gens, steps, "trajectory" if self.stores_trajectory else "final", latents,
-                                   on_chunk)
+                return self.sampler.sample(prompts, self.height, self.width, self.num_inference_steps,
+                                           self.guidance_scale, gens, steps,
+                                           "trajectory" if self.stores_trajectory else "final", latents, on_chunk,
+                                           store_means=self.stores_means,
+                                           store_uncond=self.stores_uncond_velocity(self.guidance_scale))
         finally:
             self.policy.train(was_training)
 
@@ -612,7 +483,7 @@ class FlowRLModule(L.LightningModule):
             # The first epoch keeps the rollout's batching: on-policy log-probs reproduce exactly.
             gen = self._generator(self.iteration, epoch, 104729)
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
-            for sl in self._chunks(n):
+            for sl in self.sampler.chunks(n):
                 idx = order[sl] if keep is None else order[sl][keep[order[sl]]]
                 if len(idx):
                     plan.append((epoch, idx))
@@ -754,7 +625,7 @@ class FlowRLModule(L.LightningModule):
         prompts = batch["prompt"]
         s = self.validation_sampling()
         gen = self._generator(self.eval_config.seed, batch_idx, self.global_rank, 7919)
-        out = self.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen)
+        out = self.sampler.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen)
         rewards = self.reward_fn(out.images, prompts)
         self._update_val_metrics(out.images, prompts, rewards)
         return {"images": out.images, "prompts": list(prompts), "rewards": rewards}

@@ -29,11 +29,12 @@ import math
 import torch
 
 from callbacks import EMA, OffPolicySampling, enter_sampling_contexts
-from flowrl.algorithms.base import FlowRLModule, Rollout
+from flowrl.algorithms.base import FlowRLModule
 from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
 from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, PolicyConfig
+from flowrl.rollout import ForwardProcess, Rollout
 from flowrl.validation import check_number
 
 __all__ = ["DecoupledModule"]
@@ -129,8 +130,8 @@ class DecoupledModule(FlowRLModule):
     def noised(self, rollout: Rollout, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x_t, x0, eps, t)`` of samples ``idx`` at training unit ``k`` (after :meth:`training_units`)."""
         x0 = rollout.final[idx]
-        eps = rollout.extras["noise"][k, idx]
-        t = rollout.extras["times"][idx, k]
+        eps = rollout.forward.noise[k, idx]
+        t = rollout.forward.times[idx, k]
         tc = self._column(t, x0)
         return (1.0 - tc) * x0 + tc * eps, x0, eps, t
 
@@ -152,7 +153,7 @@ class DecoupledModule(FlowRLModule):
             with torch.no_grad():
                 per_unit = []
                 for k in units:
-                    per_unit.append(torch.cat([self.train_velocity(rollout, order[sl], k) for sl in self._chunks(n)]))
+                    per_unit.append(torch.cat([self.train_velocity(rollout, order[sl], k) for sl in self.sampler.chunks(n)]))
                 return torch.stack(per_unit)
         finally:
             self.policy.train(was_training)
@@ -171,35 +172,32 @@ class DecoupledModule(FlowRLModule):
                                             self.time_shift, self.timestep_fraction, gen))
             noise.append(torch.randn((times[-1].shape[1], 1, *rollout.final.shape[1:]), generator=gen,
                                      dtype=torch.float32))
-        times, noise = torch.cat(times), torch.cat(noise, dim=1)
-        k_units = times.shape[1]
         device = rollout.final.device
-        rollout.extras["times"] = times.to(device)
-        rollout.extras["noise"] = noise.to(device)
-        units = list(range(k_units))
-
+        rollout.forward = forward = ForwardProcess(torch.cat(times).to(device), torch.cat(noise, dim=1).to(device))
+        units = list(range(forward.num_units))
         with enter_sampling_contexts(self._trainer, self):
-            rollout.extras["v_old"] = self._frozen_velocities(rollout, units)
+            forward.v_old = self._frozen_velocities(rollout, units)
         if self.needs_ema_velocity():
             if self._samples_with_ema():
-                rollout.extras["v_ema"] = rollout.extras["v_old"]  # the sampling policy is the EMA
+                forward.v_ema = forward.v_old  # the sampling policy is the EMA
             else:
                 ema = self._ema_callback()
                 with ema.swapped(self) if ema is not None else contextlib.nullcontext():
-                    rollout.extras["v_ema"] = self._frozen_velocities(rollout, units)
+                    forward.v_ema = self._frozen_velocities(rollout, units)
         ref = self.kl_reference
         if ref is not None:
             with ref.reference(self):
-                rollout.extras["v_ref"] = self._frozen_velocities(rollout, units)
+                forward.v_ref = self._frozen_velocities(rollout, units)
         return units
 
     def _kl_beta(self) -> float:
         ref = self.kl_reference
         return ref.kl_beta if ref is not None else 0.0
 
-    def _frozen(self, rollout: Rollout, key: str, idx: torch.Tensor, k: int) -> torch.Tensor | None:
-        value = rollout.extras.get(key)
-        return None if value is None else value[k, idx]
+    @staticmethod
+    def _frozen(velocities: torch.Tensor | None, idx: torch.Tensor, k: int) -> torch.Tensor | None:
+        """Unit ``k``'s frozen velocities of samples ``idx`` (``rollout.forward.v_old`` ...), None where not drawn."""
+        return None if velocities is None else velocities[k, idx]
 
 
 #: options that only shape stochastic (SDE) sampling steps: under ODE sampling they would do nothing.

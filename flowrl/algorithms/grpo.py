@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from flowrl.algorithms.base import FlowRLModule, Rollout
+from flowrl.algorithms.base import FlowRLModule
 from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics import StepOutput
 from flowrl.losses import grpo_loss, kl_v_based, kl_x_based
 from flowrl.policy import PolicyConfig
+from flowrl.rollout import Rollout
 
 
 class GRPO(FlowRLModule):
@@ -51,7 +52,7 @@ class GRPO(FlowRLModule):
         x = rollout.latents[idx, k]
         # Before the iteration's first update the weights are the sampling ones: the rollout's unconditional
         # branch (no gradient) is what recomputing it would give.
-        v_u = rollout.extras["v_uncond"][idx, k] if "v_uncond" in rollout.extras and self.weights_as_sampled else None
+        v_u = rollout.v_uncond[idx, k] if rollout.v_uncond is not None and self.weights_as_sampled else None
         v = self.policy.velocity(x, s, cond, self.guidance_scale, uncond_velocity=v_u)
         out = self.dynamics.step(x, v, s, s_next, prev_sample=rollout.next_latents[idx, k])
         return out, v, s, s_next

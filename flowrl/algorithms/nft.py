@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from flowrl.algorithms.base import Rollout
 from flowrl.algorithms.decoupled import DecoupledModule
 from flowrl.losses import nft_loss
 from flowrl.policy import PolicyConfig
+from flowrl.rollout import Rollout
 from flowrl.validation import check_number, check_range_option
 
 
@@ -48,7 +48,7 @@ class NFT(DecoupledModule):
     def training_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int):
         x_t, x0, _, t = self.noised(rollout, idx, k)
         v = self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
-        out = nft_loss(v, self._frozen(rollout, "v_old", idx, k), x_t, x0, t, advantages[idx], self.nft_beta,
-                       self.adv_clip_range, self._frozen(rollout, "v_ref", idx, k), self._kl_beta())
+        out = nft_loss(v, self._frozen(rollout.forward.v_old, idx, k), x_t, x0, t, advantages[idx], self.nft_beta,
+                       self.adv_clip_range, self._frozen(rollout.forward.v_ref, idx, k), self._kl_beta())
         out["train_time_mean"] = t.detach().float().mean()
         return out

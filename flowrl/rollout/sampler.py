@@ -1,0 +1,155 @@
+"""The rollout sampler: a policy, sampling dynamics and seeded generators in, a :class:`Rollout` out."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from typing import ContextManager
+
+import torch
+
+from flowrl.dynamics import ODE, SDESchedulerMixin
+from flowrl.rollout.record import Rollout
+
+__all__ = ["RolloutSampler", "slices"]
+
+
+def slices(n: int, size: int | None) -> list[slice]:
+    """``n`` samples in consecutive slices of ``size`` (None: one slice)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class RolloutSampler:
+    """Samples a policy: the trained steps with ``dynamics`` (an SDE gives exploration and a log-prob), every other
+    step with the Euler ODE. No Trainer needed::
+
+        sampler = RolloutSampler(policy, FlowSDE(noise_level=0.7))
+        rollout = sampler.sample(prompts, 32, 32, 10, 4.5, per_sample_generators(0, len(prompts)),
+                                 train_steps=[0, 1], store="trajectory")
+
+    Args:
+        policy: a :class:`flowrl.policy.FlowMatchingPolicy`.
+        dynamics: the rule of the trained steps (default: the ODE, so every step is deterministic).
+        train_batch_size: samples per forward pass of the trained steps; training recomputes their log-probs in
+            exactly these batches, so on-policy ratios are exactly 1. None = the whole batch.
+        rollout_batch_size: samples per forward pass of the untrained steps; None = ``train_batch_size``.
+        profile: ``profile(phase)`` returns a context manager timing that phase (e.g. the Trainer's profiler).
+    """
+
+    def __init__(self, policy, dynamics: SDESchedulerMixin | None = None, train_batch_size: int | None = None,
+                 rollout_batch_size: int | None = None, profile: Callable[[str], ContextManager] | None = None):
+        self.policy = policy
+        self.dynamics = dynamics if dynamics is not None else ODE()
+        self.ode = ODE()
+        self.train_batch_size, self.rollout_batch_size = train_batch_size, rollout_batch_size
+        self.profile = profile or (lambda phase: contextlib.nullcontext())
+
+    def chunks(self, n: int) -> list[slice]:
+        """The micro-batches of the trained steps (and of training): ``train_batch_size`` samples each."""
+        return slices(n, self.train_batch_size)
+
+    def rollout_chunks(self, n: int) -> list[slice]:
+        """The batches of the untrained steps: ``rollout_batch_size`` samples, else the micro-batches."""
+        return self.chunks(n) if self.rollout_batch_size is None else slices(n, self.rollout_batch_size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | Sequence[torch.Generator],
+        train_steps: Sequence[int] = (),
+        store: str = "final",
+        latents: torch.Tensor | None = None,
+        on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
+        store_means: bool = False,
+        store_uncond: bool = False,
+    ) -> Rollout:
+        """Sample ``prompts``; steps in ``train_steps`` use the dynamics, the rest the ODE.
+
+        ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps (``store_means``: their
+        means too; ``store_uncond``: their unconditional CFG branch, for training to reuse). The trained steps go in
+        chunks of ``train_batch_size``, the others in chunks of ``rollout_batch_size``. ``on_chunk(slice, images)``
+        is called as each chunk's images are decoded. ``generator``: one for the batch, or one per sample (each
+        sample's starting noise, then its step noise, from its own). ``latents``: the starting noise, if given.
+        """
+        policy = self.policy
+        n = len(prompts)
+        with self.profile("encode_prompt"):
+            cond = policy.encode_prompt(prompts)
+        sigmas = policy.sigmas(num_inference_steps, height, width)
+        x, noise = self._noise(n, height, width, num_inference_steps, generator, latents)
+        trained = sorted(train_steps)
+        keep = store == "trajectory" and bool(trained)
+        record = {i: [] for i in trained} if keep else {}  # trained step -> its chunks' tensors, in sample order
+        steps = (cond, sigmas, noise, guidance_scale, trained, record, keep and store_uncond)
+        finals, images = [], []
+        train_chunks, wide_chunks = self.chunks(n), self.rollout_chunks(n)
+        if wide_chunks == train_chunks:
+            # Micro-batch by micro-batch (the same batches, noise and arithmetic as step by step over all of
+            # them), so that a finished micro-batch can be scored (``on_chunk``) while the next one samples.
+            for sl in train_chunks:
+                with self.profile("sampling_steps"):
+                    finals.append(self._steps(x, range(num_inference_steps), [sl], *steps))
+                with self.profile("decode"):
+                    images.append(policy.decode(finals[-1]))
+                if on_chunk is not None:
+                    on_chunk(sl, images[-1])
+        else:
+            # Step by step over the batch: the trained steps in the micro-batches training recomputes them in
+            # (exact log-probs), every other step in chunks of rollout_batch_size.
+            with self.profile("sampling_steps"):
+                for is_trained, run in itertools.groupby(range(num_inference_steps), key=lambda i: i in trained):
+                    x = self._steps(x, list(run), train_chunks if is_trained else wide_chunks, *steps)
+            finals = [x]
+            with self.profile("decode"):
+                images = [policy.decode(x[sl]) for sl in wide_chunks]
+        # each stored field, (B, K, ...): a trained step's chunks in sample order, the K trained steps stacked
+        fields = {"latents": 0, "next_latents": 1, "log_probs": 2, "means": 3, "v_uncond": 4} if keep else {}
+        if not store_means:
+            fields.pop("means", None)
+        if not store_uncond:
+            fields.pop("v_uncond", None)
+        parts = {name: torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
+                 for name, f in fields.items()}
+        return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next_latents"),
+                       parts.get("log_probs"), parts.get("means"), torch.cat(finals), torch.cat(images),
+                       v_uncond=parts.get("v_uncond"))
+
+    def _noise(self, n, height, width, num_inference_steps, generator, latents):
+        """The starting latents and every step's noise ``(steps, B, ...)``."""
+        policy = self.policy
+        if isinstance(generator, torch.Generator):
+            x = policy.prepare_latents(n, height, width, generator) if latents is None else latents.to(policy.device)
+            return x, torch.randn((num_inference_steps, *x.shape), generator=generator).to(x.device)
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} samples")
+        starts, noise = [], []
+        for g in generator:  # the start is drawn even when ``latents`` are given: the step noise stays the same
+            starts.append(policy.prepare_latents(1, height, width, g))
+            noise.append(torch.randn((num_inference_steps, *starts[-1].shape), generator=g))
+        x = torch.cat(starts) if latents is None else latents.to(policy.device)
+        return x, torch.cat(noise, dim=1).to(x.device)
+
+    def _steps(self, x, steps, chunks, cond, sigmas, noise, guidance_scale, trained, record, keep_uncond):
+        """Steps ``steps`` of the samples in ``chunks`` (of the whole batch ``x``): their latents after them.
+        The trained steps record their inputs, samples, log-probs, means and unconditional branch."""
+        policy, outs = self.policy, []
+        for sl in chunks:
+            xc, chunk_cond = x[sl], cond.select(sl)
+            for i in steps:
+                dyn = self.dynamics if i in trained else self.ode
+                s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+                v_u = policy.unconditional_velocity(xc, s) if keep_uncond and i in trained else None
+                v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
+                out = dyn.step(xc, v, s, s_next, noise=noise[i, sl])
+                if i in record:
+                    record[i].append((xc, out.prev_sample, out.log_prob, out.mean, v_u))
+                xc = out.prev_sample
+            outs.append(xc)
+        return torch.cat(outs)
