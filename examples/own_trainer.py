@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from callbacks import EMA, OffPolicySampling
 from flowrl.algorithms import GRPO, NFT
+from flowrl.dynamics import FlowSDE
 from flowrl.policy import PolicyConfig
 from flowrl.precision import cpu_precision
 from flowrl.rewards import RewardSpec
@@ -51,7 +52,7 @@ def build(algorithm: str, group_size: int):
                   train_batch_size=16, optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3))
     if algorithm == "nft":  # ODE rollouts, re-noised at 3 times in the high-noise 30% of the schedule
         return NFT(**common, num_train_timesteps=3, timestep_fraction=0.3)
-    return GRPO(**common, dynamics_type="Flow-SDE", noise_level=0.7, clip_range=1e-4)
+    return GRPO(**common, dynamics=FlowSDE(noise_level=0.7), clip_range=1e-4)
 
 
 def main(algorithm="nft", steps=20, group_size=8, prompts_per_batch=4, out="runs/own-trainer"):

@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO) and cross-process gathering of groups.
+"""Advantage estimators (registered by name, as verl's ``core_algos`` registers them) and cross-process gathering.
 
 For the ``G`` samples of one prompt (one *group*)::
 
@@ -13,13 +13,54 @@ all equal gets advantage 0 (not nan); a group of one sample gets 0 too.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["ADVANTAGE_AGGREGATIONS", "gather_groups", "gdpo_advantages", "group_advantages"]
+from flowrl.errors import ConfigError
+from flowrl.imports import import_class_path
 
-ADVANTAGE_AGGREGATIONS = ("sum", "gdpo")
+__all__ = ["ADVANTAGE_ESTIMATORS", "AdvantageEstimator", "estimate_advantages", "gather_groups", "gdpo_advantages",
+           "group_advantages", "register_advantage_estimator", "resolve_advantage_estimator"]
+
+
+class AdvantageEstimator(Protocol):
+    """``estimator(total, terms, weights, group_ids, global_std) -> (N,)`` float32 advantages.
+
+    ``total``: ``(N,)`` weighted sum of the rewards; ``terms``: ``(K, N)`` each reward's scores; ``weights``: ``(K,)``;
+    ``group_ids``: ``(N,)`` (samples of one prompt share an id); ``global_std``: normalise by the batch's std instead
+    of the group's, where the estimator divides by a std. Every sample of every process is passed at once."""
+
+    def __call__(self, total: Tensor, terms: Tensor, weights: Tensor, group_ids: Tensor,
+                 global_std: bool = False) -> Tensor: ...
+
+
+#: the built-in estimators by name (``advantage_estimator`` of an algorithm); a dotted import path names any other
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: ``@register_advantage_estimator("mine")`` makes ``advantage_estimator: mine`` choose a function."""
+
+    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+def resolve_advantage_estimator(name: str) -> AdvantageEstimator:
+    """A registered name, or the import path of a function (``my_package.estimators.dr_grpo``)."""
+    if name in ADVANTAGE_ESTIMATORS:
+        return ADVANTAGE_ESTIMATORS[name]
+    if "." not in name:
+        raise ConfigError(f"advantage_estimator {name!r} is not registered; choose one of "
+                          f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}, or give the import path of a function")
+    fn = import_class_path(name)
+    if not callable(fn):
+        raise ConfigError(f"advantage_estimator {name!r} is not callable")
+    return fn
 
 
 def _check_flat(rewards: Tensor, group_ids: Tensor) -> None:
@@ -112,3 +153,33 @@ def gather_groups(
     if gathered_r.shape != gathered_g.shape:
         raise ValueError("all_gather returned rewards and group ids of different shapes")
     return gathered_r, gathered_g
+
+
+@register_advantage_estimator("group")
+def group_estimator(total: Tensor, terms: Tensor, weights: Tensor, group_ids: Tensor, global_std: bool = False) -> Tensor:
+    """Flow-GRPO's: the weighted sum of the rewards, normalised within each group (:func:`group_advantages`)."""
+    return group_advantages(total, group_ids, global_std=global_std)
+
+
+@register_advantage_estimator("gdpo")
+def gdpo_estimator(total: Tensor, terms: Tensor, weights: Tensor, group_ids: Tensor, global_std: bool = False) -> Tensor:
+    """GDPO: each reward normalised within its group, their weighted sum normalised over the batch
+    (:func:`gdpo_advantages`)."""
+    return gdpo_advantages(terms, weights, group_ids, global_std=global_std)
+
+
+def estimate_advantages(estimator: AdvantageEstimator, total: Tensor, terms: Tensor, weights: Tensor,
+                        group_ids: Tensor, keep: Tensor | None = None, global_std: bool = False,
+                        gather: Callable[[Tensor], Tensor] | None = None, rank: int = 0) -> Tensor:
+    """This process's ``(N,)`` advantages. With several processes ``gather`` (an all-gather returning every rank's
+    tensor, rank-major) collects every group first, and the estimator sees the whole global batch. Samples outside
+    ``keep`` (dropped groups) get advantage 0 and take no part in the statistics."""
+    n = total.shape[0]
+    total, terms = total.float(), terms.float()
+    if gather is not None:
+        total, group_ids = gather(total), gather(group_ids)
+        terms = torch.stack([gather(t) for t in terms]) if len(terms) else terms.reshape(0, total.shape[0])
+    mask = torch.ones(total.shape[0], dtype=torch.bool) if keep is None else keep
+    adv = torch.zeros(total.shape[0])
+    adv[mask] = estimator(total[mask], terms[:, mask], weights, group_ids[mask], global_std=global_std)
+    return adv[rank * n:(rank + 1) * n] if adv.shape[0] != n else adv

@@ -203,13 +203,13 @@ def sample_main(argv: Sequence[str]) -> dict:
     records = [{"index": i, "prompt": p, "seed": args.seed + i} for i, p in enumerate(expanded)]
     scores = None
     if reward is not None:
-        total, valid, errors, terms = reward.score_terms(images, expanded)
-        if errors:
-            raise ConfigError(f"the reward failed: {'; '.join(errors)}")
-        scores = total
+        scored = reward.score(images, expanded)
+        if scored.errors:
+            raise ConfigError(f"the reward failed: {'; '.join(scored.errors)}")
+        scores = scored.total
         for i, record in enumerate(records):
-            record["reward"] = float(total[i])
-            record.update({f"reward_{k}": float(v[i]) for k, v in terms.items()})
+            record["reward"] = float(scored.total[i])
+            record.update({f"reward_{k}": float(v[i]) for k, v in scored.terms.items()})
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     from flowrl.rewards.base import to_pil

@@ -88,21 +88,22 @@ def main():
             f.write("a red circle\ntwo blue squares\na green triangle\nthree yellow circles\n")
     args = ["--config", config, *tiny_overrides(config, None, prompt_file), "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", *overrides]
+    from flowrl.algorithms import update
     from flowrl.algorithms.base import FlowRLModule
 
-    plain_backward = FlowRLModule._backward
+    plain_backward = update.backward
 
-    def counted_backward(self, loss, sync):
+    def counted_backward(module, loss, sync):
         before = BUCKETS["n"]
-        plain_backward(self, loss, sync)
+        plain_backward(module, loss, sync)
         BACKWARDS.append((sync, BUCKETS["n"] - before))
 
-    FlowRLModule._backward = counted_backward
+    update.backward = counted_backward
     plain_advantages = FlowRLModule.compute_advantages
 
-    def recorded_advantages(self, rewards, group_ids, keep=None):
-        advantages = plain_advantages(self, rewards, group_ids, keep)
-        ADVANTAGES.append({"rewards": rewards.tolist(), "advantages": advantages.tolist()})
+    def recorded_advantages(self, scores, group_ids, keep=None):
+        advantages = plain_advantages(self, scores, group_ids, keep)
+        ADVANTAGES.append({"rewards": scores.total.tolist(), "advantages": advantages.tolist()})
         return advantages
 
     FlowRLModule.compute_advantages = recorded_advantages

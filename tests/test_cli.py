@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from flowrl.cli import _config_documents, console_main, expand_config_bases, main, trainer_type_from_args
+from flowrl.cli import console_main, main
+from flowrl.fit import expand_config_bases, translate_argv, translate_config
 from flowrl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,24 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
     return args
 
 
+def _config_documents(args):
+    """The YAML mappings of a command line's ``--config`` files, bases first."""
+    import yaml
+
+    args = expand_config_bases(args)
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    docs = [yaml.safe_load(open(c, encoding="utf-8") if os.path.isfile(c) else c) for c in configs]
+    return [d for d in docs if isinstance(d, dict)]
+
+
+def trainer_type_from_args(args) -> str:
+    """The seed name of the algorithm a command line's configs choose (the last ``trainer_type``; grpo by default)."""
+    found = "grpo"
+    for document in _config_documents(args):
+        found = document.get("trainer_type", found)
+    return found
+
+
 def test_every_config_is_whole_or_a_tested_overlay():
     import yaml
 
@@ -92,7 +111,6 @@ def test_config_bases_are_read_first_and_bad_ones_named(tmp_path):
     assert args[:3] == ["fit", "--config", str(tmp_path / "parent" / "root.yaml")]
     assert args[3] == "--config" and yaml_of(args[4]) == {"model": {"group_size": 2}}  # base consumed
     assert args[5:] == ["--model.resolution=8"]
-    assert trainer_type_from_args(["--config", str(tmp_path / "child.yaml")]) == "nft"
     inline = f"base: {tmp_path / 'parent' / 'root.yaml'}\nmodel: {{group_size: 2}}\n"  # an absolute base, inline
     assert expand_config_bases(["--config", inline])[:2] == ["--config", str(tmp_path / "parent" / "root.yaml")]
     (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
@@ -134,7 +152,8 @@ def test_config_parses_and_prints(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "trainer_type:" in printed and "policy:" in printed
+    assert "class_path: flowrl.algorithms." in printed and "policy:" in printed  # the class_path form
+    assert "trainer_type" not in printed and "dynamics_type" not in printed
 
 
 def config_family(config: str) -> str:
@@ -160,21 +179,30 @@ def test_config_runs_a_few_steps(config, tiny_pipeline_path, prompt_file, tmp_pa
 def test_unknown_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(CONFIGS[0]).read() + "\nmodel_typo: 1\n")
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(ConfigError, match="model_typo"):
         main(["fit", "--config", str(bad), "--print_config"])
-    assert exit_info.value.code != 0
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(ConfigError, match="not_an_option"):
         main(["fit", "--config", CONFIGS[0], "--model.not_an_option=3", "--print_config"])
-    assert exit_info.value.code != 0
 
 
-def test_trainer_type_selection(tmp_path):
-    assert trainer_type_from_args([]) == "grpo"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("trainer_type: grpo\n")
-    assert trainer_type_from_args(["--config", str(cfg)]) == "grpo"
+def test_the_seeds_flat_names_become_the_class_path_form():
+    flat = {"trainer_type": "grpo-guard", "model": {"dynamics_type": "Flow-SDE", "noise_level": 0.5,
+                                                     "train_steps": [0, 1], "num_train_steps": 1, "window_size": None,
+                                                     "advantage_aggregation": "gdpo", "group_size": 4}}
+    assert translate_config(flat) == {"model": {"class_path": "flowrl.algorithms.GRPOGuard", "init_args": {
+        "group_size": 4, "advantage_estimator": "gdpo",
+        "dynamics": {"class_path": "flowrl.dynamics.FlowSDE", "init_args": {"noise_level": 0.5}},
+        "step_selection": {"class_path": "flowrl.dynamics.TrainSteps",
+                           "init_args": {"train_steps": [0, 1], "num_train_steps": 1}}}}}
+    assert translate_config({"model": {"group_size": 4}}) == {"model": {"group_size": 4}}  # nothing to translate
+    assert translate_argv(["--trainer_type", "nft", "--model.dynamics_type=CPS", "--model.noise_level=0.5",
+                           "--model.train_steps=[0]", "--model.seed=3"]) == [
+        "--model=flowrl.algorithms.NFT", "--model.dynamics=flowrl.dynamics.CPS", "--model.dynamics.noise_level=0.5",
+        "--model.step_selection=flowrl.dynamics.TrainSteps", "--model.step_selection.train_steps=[0]", "--model.seed=3"]
     with pytest.raises(ConfigError, match="unknown"):
-        trainer_type_from_args(["--trainer_type", "ppo"])
+        translate_argv(["--trainer_type", "ppo"])
+    with pytest.raises(ConfigError, match="dynamics_type 'SDE' is unknown"):
+        translate_config({"model": {"dynamics_type": "SDE"}})
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from tiny import make_module
+from tiny import make_module, seed_options
 
 from flowrl.algorithms import GRPO
 from flowrl.cli import main
@@ -47,7 +47,7 @@ def test_num_train_steps_draws_from_train_steps(tiny_sd3_path):
 
 def test_progressive_window_with_stride_reaches_the_rollout(tiny_sd3_path):
     module = make_grpo(tiny_sd3_path, window_size=2, window_shift_interval=1, window_stride=2)
-    assert module.step_selector.window_stride == 2 and module.hparams["window_stride"] == 2
+    assert module.step_selector.window_stride == 2 and module.hparams["step_selection"]["init_args"]["window_stride"] == 2
     # N = 6: trainable steps 0..4, window starts 0, 2 (next would pass step 4), then back to 0
     expected = {0: [0, 1], 1: [2, 3], 2: [0, 1]}
     for iteration, steps in expected.items():
@@ -77,9 +77,9 @@ trainer:
     "overrides, match",
     [
         (["--model.dynamics_type=ODE"], "decoupled trainer (nft, awm)"),
-        (["--trainer_type=grpo-guard", "--model.dynamics_type=ODE"], "dynamics_type: Flow-SDE"),
-        (["--trainer_type=grpo-guard", "--model.dynamics_type=Dance-SDE"], "dynamics_type: Flow-SDE"),
-        (["--trainer_type=grpo-guard", "--model.dynamics_type=CPS"], "dynamics_type: Flow-SDE"),
+        (["--trainer_type=grpo-guard", "--model.dynamics_type=ODE"], "dynamics: flowrl.dynamics.FlowSDE"),
+        (["--trainer_type=grpo-guard", "--model.dynamics_type=Dance-SDE"], "dynamics: flowrl.dynamics.FlowSDE"),
+        (["--trainer_type=grpo-guard", "--model.dynamics_type=CPS"], "dynamics: flowrl.dynamics.FlowSDE"),
         (["--model.train_steps=[0,1]", "--model.num_train_steps=3"], "lower it to at most 2"),
         (["--model.train_steps=[3]"], "out of range: valid step indices are 0..2"),
         (["--model.train_steps=[-1]"], "out of range"),
@@ -111,7 +111,7 @@ def test_coupled_trainers_refuse_noise_level_zero(tiny_sd3_path, trainer, dynami
     from flowrl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="noise_level > 0"):
-        ALGORITHMS[trainer](policy=PolicyConfig(tiny_sd3_path, lora_rank=2), dynamics_type=dynamics_type,
-                            noise_level=0.0, resolution=16, num_inference_steps=4, group_size=2)
+        ALGORITHMS[trainer](policy=PolicyConfig(tiny_sd3_path, lora_rank=2), resolution=16, num_inference_steps=4,
+                            group_size=2, **seed_options(dynamics_type=dynamics_type, noise_level=0.0))
 
 

@@ -93,7 +93,7 @@ def test_two_processes_give_the_run_of_one_and_stop_together(tmp_path):
 
 
 class _TwoProcesses:
-    """What ``_check_loss`` / ``_optimizer_step`` ask of the trainer, for a process of a 2-process run whose
+    """What ``StepGuard.check_loss`` / ``optimizer_step`` ask of the trainer, for a process of a 2-process run whose
     other process reports ``other_bad``."""
 
     world_size = 2
@@ -114,15 +114,16 @@ def test_a_non_finite_loss_on_either_process_stops_both_at_the_optimizer_step(ti
     from tiny import make_module
 
     from flowrl.algorithms import GRPO
+    from flowrl.algorithms.update import StepGuard
 
     module = make_module(GRPO, tiny_sd3_path)
     module._trainer = _TwoProcesses(other_bad=there)
-    module._bad_loss = None
-    module._check_loss(torch.tensor(float("nan") if here else 1.0))  # no raise: the backward must still run
+    guard = StepGuard(module)
+    guard.check_loss(torch.tensor(float("nan") if here else 1.0))  # no raise: the backward must still run
     optimizer = torch.optim.SGD(list(module.policy.trainable_parameters()), lr=1.0)
     for p in module.policy.trainable_parameters():
         p.grad = torch.ones_like(p)
     before = [p.detach().clone() for p in module.policy.trainable_parameters()]
     with pytest.raises(FloatingPointError, match="non-finite loss nan" if here else "on another process"):
-        module._optimizer_step(optimizer, None, {})
+        guard.optimizer_step(optimizer, None, {})
     assert all(torch.equal(a, b) for a, b in zip(before, module.policy.trainable_parameters()))  # no update

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny import assert_on_policy_ratios_are_one, fit_one_iteration, randomize_lora
+from tiny import assert_on_policy_ratios_are_one, fit_one_iteration, randomize_lora, seed_options
 
 import flowrl.policy.adapter as adapter_module
 from flowrl.algorithms import GRPO
@@ -46,7 +46,7 @@ def make(example, finetune_type="lora", frozen_dtype="float32", **overrides):
                                 frozen_dtype=frozen_dtype)
     args = dict(policy=policy, rewards=[RewardSpec("jpeg_incompressibility")], group_size=2, resolution=16,
                 num_inference_steps=4, guidance_scale=CFG, train_batch_size=2)
-    args.update(overrides)
+    args.update(seed_options(**overrides))
     return GRPO(**args)
 
 

@@ -23,7 +23,7 @@ def examples_importable(monkeypatch):
 
 def test_every_example_has_a_test():
     tested = {"own_trainer.py", "ema_classifier.py", "my_reward.py", "my_reward.yaml", "generate_with_diffusers.py",
-              "new_algorithm.py", "new_model_family.py"}  # new_model_family.py: tests/test_example_model_family.py
+              "new_algorithm.py", "new_algorithm.yaml", "new_model_family.py"}  # new_model_family.py: tests/test_example_model_family.py
     files = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.*"))}
     assert files == tested, f"examples without a test: {sorted(files - tested)}"
 
@@ -89,18 +89,49 @@ def test_generate_with_stock_diffusers_from_an_export(prompt_file, tmp_path, mon
         assert diff <= 1
 
 
-def test_new_algorithm_trains_with_the_base_loop():
+def test_new_algorithm_dynamics_and_estimator_train_from_python():
     from flowrl.algorithms import ALGORITHMS
 
     before = dict(ALGORITHMS)
-    try:
-        import new_algorithm
+    import new_algorithm
 
-        trainer = new_algorithm.main(steps=2)
-        assert trainer.global_step == 2
-        assert trainer.logged_metrics["train/ratio_first_update_max_abs_dev"] == 0
-        assert ALGORITHMS["reinforce"] is new_algorithm.Reinforce
-    finally:  # the registration is the example's; the other tests see the shipped trainers only
-        ALGORITHMS.clear()
-        ALGORITHMS.update(before)
-        sys.modules.pop("new_algorithm", None)
+    trainer = new_algorithm.main(steps=2)
+    assert trainer.global_step == 2
+    assert trainer.logged_metrics["train/ratio_first_update_max_abs_dev"] == 0
+    assert ALGORITHMS == before  # nothing registered anywhere
+
+
+BASE_CONFIG = os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")
+
+
+def test_new_algorithm_dynamics_and_estimator_by_class_path_from_yaml(prompt_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import new_algorithm
+
+    cli = main(["fit", "--config", BASE_CONFIG, "--config", os.path.join(EXAMPLES, "new_algorithm.yaml"),
+                *tiny_overrides(BASE_CONFIG, None, prompt_file), "--trainer.logger=false"])
+    model = cli.model
+    assert type(model) is new_algorithm.Reinforce and isinstance(model.dynamics, new_algorithm.EulerMaruyama)
+    assert model.advantage_estimator is new_algorithm.dr_grpo and model.step_selector.train_steps == [0, 1, 2]
+    assert cli.trainer.global_step >= 1
+    assert cli.trainer.logged_metrics["train/ratio_first_update_max_abs_dev"] == 0
+
+
+def test_dr_grpo_centres_without_the_std():
+    import new_algorithm
+
+    total = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 4.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv = new_algorithm.dr_grpo(total, total[None], torch.ones(1), groups)
+    assert adv.tolist() == [-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]
+
+
+def test_euler_maruyama_is_the_euler_step_plus_gaussian_noise():
+    import new_algorithm
+
+    dyn = new_algorithm.EulerMaruyama(0.5)
+    x, v, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    out = dyn.step(x, v, 0.8, 0.6, noise=eps)
+    torch.testing.assert_close(out.mean, x + v * (0.6 - 0.8))
+    torch.testing.assert_close(out.prev_sample, out.mean + 0.5 * (0.2**0.5) * eps)
+    assert out.log_prob.shape == (2,)

@@ -6,7 +6,7 @@ from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.errors import ConfigError
-from flowrl.rewards import RewardError, WeightedReward
+from flowrl.rewards import RewardError, RewardScores, WeightedReward
 
 
 class Recording(GRPO):
@@ -72,24 +72,30 @@ def test_skipped_groups_take_no_part_in_the_advantages(tiny_sd3_path):
     module = make_module(GRPO, tiny_sd3_path, on_reward_error="skip_group", global_std=True)
     rewards, groups = torch.tensor([0.0, 1e6, 1.0, 3.0]), torch.tensor([0, 0, 1, 1])
     keep = torch.tensor([False, False, True, True])
-    adv = module.compute_advantages(rewards, groups, keep)
-    expected = module.compute_advantages(rewards[2:], groups[2:])  # the batch without the dropped group
+    scores = RewardScores(rewards, torch.ones(4, dtype=torch.bool), [], {"r": rewards}, {"r": 1.0})
+    adv = module.compute_advantages(scores, groups, keep)
+    expected = module.compute_advantages(scores.select(keep), groups[2:])  # the batch without the dropped group
     assert adv[:2].eq(0).all()
     torch.testing.assert_close(adv[2:], expected)
 
 
-@pytest.mark.parametrize("option, value", [("on_reward_error", "ignore"), ("advantage_aggregation", "mean")])
-def test_unknown_policy_names_the_choices(tiny_sd3_path, option, value):
-    with pytest.raises(ConfigError, match=f"model.{option} must be one of"):
+@pytest.mark.parametrize("option, value, match", [
+    ("on_reward_error", "ignore", "model.on_reward_error must be one of stop, skip_group"),
+    ("advantage_aggregation", "mean", "advantage_aggregation 'mean' is unknown; choose one of sum, gdpo"),
+    ("advantage_estimator", "mean", "advantage_estimator 'mean' is not registered; choose one of gdpo, group"),
+])
+def test_unknown_policy_names_the_choices(tiny_sd3_path, option, value, match):
+    with pytest.raises(ConfigError, match=match):
         make_module(GRPO, tiny_sd3_path, **{option: value})
 
 
 def test_score_reports_which_samples_failed():
     reward = WeightedReward({"a": nan_for_first_sample, "b": lambda i, p: torch.ones(len(p))}, {"a": 1.0, "b": 2.0})
     images = torch.rand(3, 3, 8, 8)
-    total, valid, errors = reward.score(images, ["x"] * 3)
+    scores = reward.score(images, ["x"] * 3)
+    total, valid, errors = scores.total, scores.valid, scores.errors
     assert valid.tolist() == [False, True, True] and len(errors) == 1 and "samples [0]" in errors[0]
     torch.testing.assert_close(total[1:], images[1:].mean(dim=(1, 2, 3)) + 2.0)
     wrong_length = WeightedReward({"w": lambda i, p: torch.ones(len(p) + 1)}, {"w": 1.0})
-    total, valid, errors = wrong_length.score(images, ["x"] * 3)
-    assert not valid.any() and "shape" in errors[0]
+    scores = wrong_length.score(images, ["x"] * 3)
+    assert not scores.valid.any() and "shape" in scores.errors[0]

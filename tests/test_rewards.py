@@ -42,7 +42,9 @@ def test_weighted_sum_and_terms():
     total = reward(images, ["a", "b"])
     expected = 0.5 * JpegCompressibility()(images, ["a", "b"]) + 2.0 * JpegIncompressibility()(images, ["a", "b"])
     torch.testing.assert_close(total, expected)
-    assert set(reward.last_terms) == {"jpeg_compressibility", "jpeg_incompressibility"}
+    scores = reward.score(images, ["a", "b"])
+    assert torch.equal(scores.total, total) and set(scores.terms) == {"jpeg_compressibility", "jpeg_incompressibility"}
+    assert scores.weights == {"jpeg_compressibility": 0.5, "jpeg_incompressibility": 2.0}
 
 
 def test_registry_errors_and_custom_reward():
@@ -97,7 +99,7 @@ def test_a_users_reward_by_class_path_next_to_registered_names(outside_reward):
     assert reward.weights == {"Brightness": 0.5, "jpeg_compressibility": 1.0}
     expected = 0.5 * 2.0 * images.mean(dim=(1, 2, 3)) + JpegCompressibility()(images, ["a", "b"])
     torch.testing.assert_close(reward(images, ["a", "b"]), expected)
-    torch.testing.assert_close(reward.last_terms["Brightness"], 2.0 * images.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(reward.score(images, ["a", "b"]).terms["Brightness"], 2.0 * images.mean(dim=(1, 2, 3)))
 
 
 def test_class_path_reward_from_a_config(outside_reward, tmp_path, monkeypatch):
@@ -173,8 +175,8 @@ def test_gdpo_aggregation_in_the_module(tiny_sd3_path):
     module = make_module(GRPO, tiny_sd3_path, advantage_aggregation="gdpo",
                          rewards=[RewardSpec("jpeg_compressibility", 1.0), RewardSpec("jpeg_incompressibility", 0.3)])
     images, groups = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 0, 1, 1])
-    total = module.reward_fn(images, ["a"] * 4)
-    terms = module.reward_fn.last_terms
+    scores = module.reward_fn.score(images, ["a"] * 4)
+    terms = scores.terms
     expected = gdpo_advantages(torch.stack([terms["jpeg_compressibility"], terms["jpeg_incompressibility"]]),
                                torch.tensor([1.0, 0.3]), groups)
-    torch.testing.assert_close(module.compute_advantages(total, groups), expected)
+    torch.testing.assert_close(module.compute_advantages(scores, groups), expected)

@@ -10,66 +10,71 @@ from conftest import parsed_config
 from tiny import make_module
 
 from flowrl.algorithms import ALGORITHMS, AWM, GRPO, NFT, GRPOGuard
-from flowrl.algorithms.decoupled import SDE_ONLY_OPTIONS
-from flowrl.algorithms.options import trainer_options
 from flowrl.cli import console_main, main
 from flowrl.errors import ConfigError
+from flowrl.fit import COMPONENT_OPTIONS, _options_of
 from flowrl.policy import PolicyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "lightning_configs", "toy")
 
 
-# ------------------------------------------------------------------ options of another trainer
-@pytest.mark.parametrize("cls, option, value, users", [
-    (NFT, "clip_range", 1e-4, "grpo, grpo-guard, awm"),
-    (GRPO, "time_shift", 3.0, "nft, awm"),
-    (GRPO, "guard_loss_weighting", "none", "grpo-guard"),
-    (NFT, "awm_weighting", "t", "awm"),
-    (AWM, "nft_beta", 0.5, "nft"),
+# ------------------------------------------------------------------ options of another component
+@pytest.mark.parametrize("cls, option, value", [
+    (NFT, "clip_range", 1e-4), (GRPO, "time_shift", 3.0), (GRPO, "guard_loss_weighting", "none"),
+    (NFT, "awm_weighting", "t"), (AWM, "nft_beta", 0.5),
 ])
-def test_python_constructor_names_the_trainer_that_uses_the_option(tiny_sd3_path, cls, option, value, users):
-    with pytest.raises(ConfigError, match=rf"model\.{option} does nothing for trainer_type '{cls.trainer_type}'.*"
-                                          rf"{re.escape(users)}"):
+def test_python_constructor_refuses_an_option_the_algorithm_does_not_take(tiny_sd3_path, cls, option, value):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{option}'"):
         make_module(cls, tiny_sd3_path, **{option: value})
 
 
-def test_cli_names_the_trainer_that_uses_the_option(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.clip_range does nothing for trainer_type 'nft'"):
+def test_cli_names_the_component_that_takes_the_option(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.clip_range does nothing for flowrl\.algorithms\.NFT: it is an "
+                                          r"option of .*GRPO \(trainer_type grpo\).*AWM"):
         main(["--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range=1e-4"], run=False)
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  time_shift: 3.0\n")
-    with pytest.raises(ConfigError, match=r"model\.time_shift does nothing for trainer_type 'grpo'.*nft, awm"):
+    with pytest.raises(ConfigError, match=r"model\.time_shift does nothing for flowrl\.algorithms\.GRPO.*NFT"):
         main(["--config", os.path.join(TOY, "grpo.yaml"), "--config", str(extra)], run=False)
-    with pytest.raises(ConfigError, match=r"model\.clip_range does nothing for trainer_type 'nft'"):
+    with pytest.raises(ConfigError, match=r"model\.clip_range does nothing for flowrl\.algorithms\.NFT"):
         main(["--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range", "0.2"], run=False)
+    with pytest.raises(ConfigError, match=r"noise_level does nothing for flowrl\.dynamics\.ODE.*FlowSDE"):
+        main(["--config", os.path.join(TOY, "nft.yaml"), "--model.dynamics.noise_level=0.5"], run=False)
 
 
-def test_a_saved_config_with_another_trainers_options_null_is_accepted(tmp_path, monkeypatch):
-    """The config.yaml flowrl fit saves lists every option; an NFT run's has clip_range: null (unset)."""
+def test_a_saved_config_is_the_class_path_form_and_builds_the_same_module(tmp_path, monkeypatch):
     import yaml
 
     monkeypatch.chdir(tmp_path)
     data = parsed_config(os.path.join(TOY, "nft.yaml"))
+    assert data["model"]["class_path"] == "flowrl.algorithms.NFT"
+    assert data["model"]["init_args"]["dynamics"]["class_path"] == "flowrl.dynamics.ODE"
+    assert "clip_range" not in data["model"]["init_args"]  # only the options NFT takes
     for fit_only in ("ckpt_path", "weights_only"):  # Trainer.fit's, not the config's
         data.pop(fit_only, None)
-    data["model"]["clip_range"] = None
     saved = tmp_path / "saved.yaml"
     saved.write_text(yaml.safe_dump(data))
     cli = main(["--config", str(saved), "--trainer.logger=false"], run=False)
-    assert cli.model.trainer_type == "nft"
-    main(["--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range=null", "--trainer.logger=false"], run=False)
+    assert type(cli.model) is NFT and cli.model.hparams["num_train_timesteps"] == 3
 
 
 @pytest.mark.parametrize("option, value", [
-    ("noise_level", 0.5), ("train_steps", [0, 1]), ("num_train_steps", 1), ("window_size", 2),
-    ("window_shift_interval", 5), ("window_stride", 1),
+    ("train_steps", [0, 1]), ("num_train_steps", 1), ("window_size", 2), ("window_shift_interval", 5),
 ])
 @pytest.mark.parametrize("cls", [NFT, AWM])
-def test_sde_options_under_ode_are_refused(tiny_sd3_path, cls, option, value):
-    assert option in SDE_ONLY_OPTIONS
-    with pytest.raises(ConfigError, match=rf"model\.{option}.*dynamics_type ODE.*would do nothing"):
+def test_step_selection_under_ode_is_refused(tiny_sd3_path, cls, option, value):
+    with pytest.raises(ConfigError, match=r"model\.step_selection.*ODE dynamics.*would do nothing"):
         make_module(cls, tiny_sd3_path, dynamics_type="ODE", **{option: value})
+
+
+def test_noise_level_of_the_ode_is_refused():
+    from flowrl.dynamics import ODE, build_dynamics
+
+    with pytest.raises(TypeError):
+        ODE(noise_level=0.5)
+    with pytest.raises(ConfigError, match="noise_level does nothing for dynamics_type ODE"):
+        build_dynamics("ODE", 0.5)
 
 
 def test_sde_options_with_stochastic_decoupled_sampling_are_used(tiny_sd3_path):
@@ -78,7 +83,7 @@ def test_sde_options_with_stochastic_decoupled_sampling_are_used(tiny_sd3_path):
 
 
 def test_cli_refuses_train_steps_for_ode_nft():
-    with pytest.raises(ConfigError, match="model.train_steps"):
+    with pytest.raises(ConfigError, match="model.step_selection"):
         main(["--config", os.path.join(TOY, "nft.yaml"), "--model.train_steps=[0,1]"], run=False)
 
 
@@ -134,9 +139,9 @@ OUT_OF_RANGE = {
     "ema_kl_beta": ({"ema_kl_beta": -0.1}, None),
 }
 #: options without a numeric range (choices, booleans, objects, any integer seed)
-NOT_NUMERIC = {"policy", "rewards", "dynamics_type", "global_std", "same_initial_noise", "optimizer",
+NOT_NUMERIC = {"policy", "rewards", "dynamics", "step_selection", "global_std", "same_initial_noise", "optimizer",
                "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
-               "advantage_aggregation", "on_reward_error", "async_rewards"}
+               "advantage_estimator", "on_reward_error", "async_rewards"}
 MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or depends on the schedule
     ("noise_level", {"noise_level": 1.5}),  # Flow-SDE: above sqrt(2)
     ("noise_level", {"noise_level": -0.1}),
@@ -151,7 +156,7 @@ MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or d
 @pytest.mark.parametrize("trainer", sorted(ALGORITHMS))
 def test_every_option_of_every_trainer_has_a_refused_out_of_range_value(tiny_sd3_path, trainer):
     cls = ALGORITHMS[trainer]
-    options = trainer_options(cls)
+    options = _options_of(cls) | set(COMPONENT_OPTIONS)  # the components' options by their seed names
     unlisted = options - set(OUT_OF_RANGE) - NOT_NUMERIC
     assert not unlisted, f"{trainer}: options without an out-of-range check in this test: {sorted(unlisted)}"
     base = {"dynamics_type": "Flow-SDE", "noise_level": 0.7} if cls.needs_log_prob else {}
@@ -206,4 +211,5 @@ def test_console_main_error_line_for_an_option_of_another_trainer(capsys):
         console_main(["fit", "--config", os.path.join(TOY, "nft.yaml"), "--model.clip_range=0.1"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: model.clip_range does nothing for trainer_type 'nft'") and "Traceback" not in err
+    assert err.startswith("error: model.clip_range does nothing for flowrl.algorithms.NFT") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

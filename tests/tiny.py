@@ -8,8 +8,22 @@ from flowrl.policy import PolicyConfig
 from flowrl.rewards import RewardSpec
 
 
+def seed_options(**options) -> dict:
+    """Constructor arguments from options in the seed's flat names (``dynamics_type``, ``noise_level``,
+    ``train_steps`` ...), translated by flowrl's alias table into components, as ``flowrl fit`` does for configs."""
+    from flowrl.fit import translate_config
+    from flowrl.imports import import_class_path
+
+    init = translate_config({"model": options})["model"]
+    for name in ("dynamics", "step_selection"):
+        if isinstance(init.get(name), dict):
+            init[name] = import_class_path(init[name]["class_path"])(**init[name].get("init_args", {}))
+    return init
+
+
 def make_module(cls, path, *, finetune_type="lora", lora_rank=4, **overrides):
-    """An algorithm ``cls`` on the tiny pipeline at ``path``: 16 px, 4 steps, groups of 2, micro-batches of 2."""
+    """An algorithm ``cls`` on the tiny pipeline at ``path``: 16 px, 4 steps, groups of 2, micro-batches of 2
+    (options may use the seed's flat names, see :func:`seed_options`)."""
     args = dict(
         policy=PolicyConfig(path, finetune_type=finetune_type, lora_rank=lora_rank),
         rewards=[RewardSpec("jpeg_incompressibility")],
@@ -19,7 +33,7 @@ def make_module(cls, path, *, finetune_type="lora", lora_rank=4, **overrides):
         guidance_scale=3.0,
         train_batch_size=2,
     )
-    args.update(overrides)
+    args.update(seed_options(**overrides))
     return cls(**args)
 
 

@@ -12,7 +12,7 @@ from flowrl.errors import ConfigError
 from flowrl.losses import AWM_WEIGHTINGS, awm_loss
 from flowrl.policy import PolicyConfig
 from flowrl.rollout import Rollout
-from flowrl.validation import check_number
+from flowrl.validation import check_number, check_range_option
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ _UNCONSTRAINED = (
 
 class AWM(DecoupledModule):
     """``trainer_type: awm``. Rollouts keep only their clean latents ``x0``; any sampler works
-    (``dynamics_type: ODE`` by default).
+    (``dynamics``: the ODE by default).
 
     Per training time ``t`` and fresh ``eps``: ``x_t = (1 - t) x0 + t eps``, the surrogate log-prob
     ``lp`` of the matching error ``mean((v - (eps - x0))**2)`` under ``awm_weighting``, and the same
@@ -62,7 +62,9 @@ class AWM(DecoupledModule):
         if _disabled(ema_kl_beta) and _disabled(clip_range):
             warnings.warn(_UNCONSTRAINED, UserWarning, stacklevel=2)
             log.warning(_UNCONSTRAINED)
-        super().__init__(policy, clip_range=clip_range, **kwargs)
+        check_range_option("clip_range", clip_range, what="; null disables clipping")
+        super().__init__(policy, **kwargs)
+        self.clip_range = clip_range
         self.awm_weighting = awm_weighting
         self.ghuber_power = float(ghuber_power)
         self.ema_kl_beta = float(ema_kl_beta)

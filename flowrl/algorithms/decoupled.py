@@ -30,7 +30,7 @@ import torch
 
 from callbacks import EMA, OffPolicySampling, enter_sampling_contexts
 from flowrl.algorithms.base import FlowRLModule
-from flowrl.algorithms.options import refuse_options_of_other_trainers
+from flowrl.dynamics import ODE, Dynamics
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times
 from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, PolicyConfig
@@ -55,7 +55,6 @@ class DecoupledModule(FlowRLModule):
         timestep_fraction: f in (0, 1]: train at noise levels sigma >= 1 - f only (the same meaning for discrete and
             continuous strategies; on a 10-step schedule shifted by 3, f = 0.3 keeps steps 0-5).
         train_guidance_scale: classifier-free guidance of the *trained* velocity (1 = none).
-        dynamics_type: the sampler of rollouts; decoupled training accepts any, ODE by default.
     """
 
     needs_log_prob = False
@@ -69,7 +68,6 @@ class DecoupledModule(FlowRLModule):
         time_shift: float = 3.0,
         timestep_fraction: float = 1.0,
         train_guidance_scale: float = 1.0,
-        dynamics_type: str = "ODE",
         **kwargs,
     ):
         if time_sampling_strategy not in TIME_SAMPLING_STRATEGIES:
@@ -77,8 +75,8 @@ class DecoupledModule(FlowRLModule):
                 f"unknown time_sampling_strategy {time_sampling_strategy!r}; choose one of "
                 f"{', '.join(TIME_SAMPLING_STRATEGIES)}"
             )
-        refuse_options_of_other_trainers(type(self), kwargs)  # e.g. clip_range for nft, window_size ...
-        if dynamics_type == "ODE":
+        dynamics = kwargs.get("dynamics")
+        if dynamics is None or not dynamics.is_stochastic:
             _refuse_sde_options_under_ode(kwargs)
         check_number("train_guidance_scale", train_guidance_scale, 1.0, hint=" (1 = no guidance)")
         check_number("time_shift", time_shift, 0, low_open=True, hint=" (1 = no shift)")
@@ -88,7 +86,7 @@ class DecoupledModule(FlowRLModule):
         check_number("num_inference_steps", steps, 2, hint=" (the last step is never trained)")
         sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
                            torch.cat([torch.ones(int(steps)), torch.zeros(1)]), time_shift, timestep_fraction)
-        super().__init__(policy, dynamics_type=dynamics_type, **kwargs)
+        super().__init__(policy, **kwargs)
         sample_train_times(time_sampling_strategy, 1, num_train_timesteps,
                            self.policy.sigmas(self.num_inference_steps, self.height, self.width), time_shift,
                            timestep_fraction)
@@ -99,19 +97,19 @@ class DecoupledModule(FlowRLModule):
         self.train_guidance_scale = float(train_guidance_scale)
         self.check_guidance(self.train_guidance_scale)
 
-    # ------------------------------------------------------------------ callbacks
-    def _callbacks(self) -> list:
-        return list(getattr(self._trainer, "callbacks", None) or [])
+    def default_dynamics(self) -> Dynamics:
+        """Decoupled training accepts any sampler; ODE by default."""
+        return ODE()
 
+    # ------------------------------------------------------------------ callbacks
     def _ema_callback(self) -> EMA | None:
-        emas = [cb for cb in self._callbacks() if isinstance(cb, EMA)]
+        emas = self.callbacks_of(EMA)
         return emas[0] if emas else None
 
     def _samples_with_ema(self) -> bool:
         """True when rollouts come from the EMA weights (an active OffPolicySampling and an EMA)."""
-        off = any(isinstance(cb, OffPolicySampling) and cb.off_policy for cb in self._callbacks())
-        ema = self._ema_callback()
-        return off and ema is not None
+        off = self.callbacks_of(lambda cb: isinstance(cb, OffPolicySampling) and cb.off_policy)
+        return bool(off) and self._ema_callback() is not None
 
     def on_fit_start(self):
         ref = self.kl_reference
@@ -200,22 +198,16 @@ class DecoupledModule(FlowRLModule):
         return None if velocities is None else velocities[k, idx]
 
 
-#: options that only shape stochastic (SDE) sampling steps: under ODE sampling they would do nothing.
-SDE_ONLY_OPTIONS = ("noise_level", "train_steps", "num_train_steps", "window_size", "window_shift_interval",
-                    "window_stride")
-
-
 def _refuse_sde_options_under_ode(kwargs: dict) -> None:
-    given = [name for name in SDE_ONLY_OPTIONS if kwargs.get(name) is not None]
-    if given:
+    if kwargs.get("step_selection") is not None and not kwargs["step_selection"].is_default:
         raise ConfigError(
-            f"{', '.join('model.' + n for n in given)} only shape(s) the stochastic steps of SDE sampling, and "
-            "dynamics_type ODE samples every step deterministically, so it would do nothing; remove it, or set "
-            "dynamics_type: Flow-SDE, Dance-SDE or CPS"
+            "model.step_selection (train_steps, num_train_steps, a window) only shapes the stochastic steps of SDE "
+            "sampling, and ODE dynamics sample every step deterministically, so it would do nothing; remove it, or "
+            "set dynamics to flowrl.dynamics.FlowSDE, DanceSDE or CPS"
         )
     if kwargs.get("same_initial_noise"):
         raise ConfigError(
-            "same_initial_noise: true with dynamics_type ODE makes every sample of a group the same image (zero "
+            "same_initial_noise: true with ODE dynamics makes every sample of a group the same image (zero "
             "advantages, nothing to learn); set same_initial_noise: false or use stochastic dynamics (e.g. CPS)"
         )
 

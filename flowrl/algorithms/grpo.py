@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from flowrl.algorithms.base import FlowRLModule
-from flowrl.algorithms.options import refuse_options_of_other_trainers
 from flowrl.dynamics import StepOutput
 from flowrl.losses import grpo_loss, kl_v_based, kl_x_based
 from flowrl.policy import PolicyConfig
 from flowrl.rollout import Rollout
+from flowrl.validation import check_range_option
 
 
 class GRPO(FlowRLModule):
-    """``trainer_type: grpo``. Rollouts with SDE dynamics (``dynamics_type``: Flow-SDE, Dance-SDE, CPS)
-    at the trained steps (MixGRPO ``train_steps`` / ``num_train_steps``, or the progressive window
-    ``window_size`` / ``window_shift_interval`` / ``window_stride``), ODE elsewhere; then
+    """``trainer_type: grpo``. Rollouts with SDE ``dynamics`` (FlowSDE, DanceSDE, CPS) at the trained steps
+    (``step_selection``: ``TrainSteps`` for MixGRPO's ``train_steps`` / ``num_train_steps``, or the progressive
+    ``SlidingWindow``), ODE elsewhere; then
     ``num_inner_epochs`` of PPO-style updates on the stored trajectory.
 
     KL to a frozen reference: add a :class:`callbacks.ReferenceModel` (``kl_beta``, ``kl_type``,
@@ -41,8 +41,9 @@ class GRPO(FlowRLModule):
             clip_range: PPO clip of the ratio, c (ratio in [1 - c, 1 + c]) or [low, high] (ratio in
                 [1 + low, 1 + high], low < 0 < high); null = no clipping.
         """
-        refuse_options_of_other_trainers(type(self), kwargs)  # e.g. time_shift: a decoupled trainer's option
-        super().__init__(policy, clip_range=clip_range, **kwargs)
+        check_range_option("clip_range", clip_range, what="; null disables clipping")
+        super().__init__(policy, **kwargs)
+        self.clip_range = clip_range
 
     def step_forward(self, rollout: Rollout, idx: torch.Tensor, k: int):
         """Recompute trained step ``k`` for samples ``idx``: returns (step output, velocity, sigma, sigma_next)."""
@@ -51,8 +52,8 @@ class GRPO(FlowRLModule):
         cond = rollout.cond.select(idx)
         x = rollout.latents[idx, k]
         # Before the iteration's first update the weights are the sampling ones: the rollout's unconditional
-        # branch (no gradient) is what recomputing it would give.
-        v_u = rollout.v_uncond[idx, k] if rollout.v_uncond is not None and self.weights_as_sampled else None
+        # branch (no gradient) is what recomputing it would give (the update loop drops it at the first step).
+        v_u = None if rollout.v_uncond is None else rollout.v_uncond[idx, k]
         v = self.policy.velocity(x, s, cond, self.guidance_scale, uncond_velocity=v_u)
         out = self.dynamics.step(x, v, s, s_next, prev_sample=rollout.next_latents[idx, k])
         return out, v, s, s_next

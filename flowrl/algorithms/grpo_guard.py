@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from flowrl.algorithms.grpo import GRPO
-from flowrl.dynamics import StepOutput
+from flowrl.dynamics import FlowSDE, StepOutput
 from flowrl.errors import ConfigError
 from flowrl.losses import grpo_guard_loss
 from flowrl.policy import PolicyConfig
@@ -17,7 +17,7 @@ GUARD_LOSS_WEIGHTINGS = ("inverse_dt", "none")
 
 
 class GRPOGuard(GRPO):
-    """``trainer_type: grpo-guard`` (only with ``dynamics_type: Flow-SDE``).
+    """``trainer_type: grpo-guard`` (only with ``dynamics: flowrl.dynamics.FlowSDE``).
 
     At trained step ``k`` (``s -> s'``, ``dt = s' - s < 0``), with the step means stored at rollout
     (``mean_old``) and recomputed now (``mean_new``)::
@@ -54,14 +54,14 @@ class GRPOGuard(GRPO):
         super().__init__(policy, **kwargs)
         self.guard_loss_weighting = guard_loss_weighting
 
-    def check_dynamics(self, dynamics_type: str) -> None:
-        if dynamics_type != "Flow-SDE":
+    def check_dynamics(self) -> None:
+        if not isinstance(self.dynamics, FlowSDE):
             raise ConfigError(
-                f"trainer_type 'grpo-guard' normalises the ratio of Flow-SDE steps only; got dynamics_type "
-                f"{dynamics_type!r}. Set dynamics_type: Flow-SDE, or use trainer_type: grpo for "
+                f"trainer_type 'grpo-guard' normalises the ratio of Flow-SDE steps only; got dynamics "
+                f"{self.dynamics.name!r}. Set dynamics: flowrl.dynamics.FlowSDE, or use trainer_type: grpo for "
                 "Dance-SDE / CPS (and nft / awm for ODE sampling)"
             )
-        super().check_dynamics(dynamics_type)  # noise_level 0 (a step std of 0) is refused there
+        super().check_dynamics()  # noise_level 0 (a step std of 0) is refused there
 
     def step_scale(self, s: float, s_next: float) -> tuple[float, float]:
         """``(scale, dt)`` of the step ``s -> s_next``: ``scale = std_dev_t * sqrt(-dt)``."""

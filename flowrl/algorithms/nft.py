@@ -13,7 +13,7 @@ from flowrl.validation import check_number, check_range_option
 
 class NFT(DecoupledModule):
     """``trainer_type: nft``. Rollouts keep only their clean latents ``x0``; any sampler works
-    (``dynamics_type: ODE`` by default, CPS or an SDE for more exploration).
+    (``dynamics``: the ODE by default, CPS or an SDE for more exploration).
 
     Per training time ``t`` and fresh ``eps``, with ``x_t = (1 - t) x0 + t eps``, the current
     velocity ``v`` and the sampling policy's ``v_old``, the reward (through the group advantage,
@@ -31,12 +31,9 @@ class NFT(DecoupledModule):
 
     Args:
         nft_beta: the policy-mixing coefficient ``beta`` (1 by default; 0.1 is faster, less stable).
-
-    ``clip_range`` (a base option) is refused: NFT has no probability ratio.
     """
 
     trainer_type = "nft"
-    unused_options = ("clip_range",)  # no probability ratio to clip
 
     def __init__(self, policy: PolicyConfig, nft_beta: float = 1.0, **kwargs):
         check_number("nft_beta", nft_beta, 0, low_open=True, hint=" (1.0 is the default, 0.1 trains faster)")

@@ -1,56 +1,95 @@
-"""Which options each trainer uses, so that an option that would do nothing is refused, not ignored.
-
-A trainer's options are the parameters of its ``__init__`` and of every ``__init__`` it forwards
-``**kwargs`` to, minus its ``unused_options`` (options it inherits but has no use for, such as
-``clip_range`` for NFT: they stay in the signature with a None default, which means "not set").
-Both the Python constructors (``GRPO`` and ``DecoupledModule`` check the ``**kwargs`` they receive) and
-``flowrl fit`` (before parsing) call :func:`refuse_options_of_other_trainers`, so the message names the trainer that would use the option.
-"""
+"""The shared options' types and limits: validation sampling, resolutions, numbers, and the schedule checks that
+need the loaded policy. Every refusal names the option and the fix."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from flowrl.errors import ConfigError
+from flowrl.validation import check_number, check_range_option
 
-__all__ = ["trainer_options", "refuse_options_of_other_trainers"]
-
-
-def _signature_options(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return names
+__all__ = ["EvalConfig", "check_schedule", "check_shared_numbers", "component_config", "hw"]
 
 
-def trainer_options(cls: type) -> set[str]:
-    """The options trainer class ``cls`` uses."""
-    return _signature_options(cls) - set(getattr(cls, "unused_options", ()))
+@dataclass
+class EvalConfig:
+    """Validation sampling (always ODE). ``None`` fields fall back to the training values.
+
+    The seed's train/eval decoupling: train at a small ``resolution``, evaluate at full size.
+
+    Args:
+        resolution: validation image size, an int or [height, width]; null = the training resolution.
+        num_inference_steps: validation sampling steps; null = the training value.
+        guidance_scale: validation guidance; null = the training value.
+        seed: seed of the validation noise (the same images every validation).
+    """
+
+    resolution: int | list[int] | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
 
 
-def refuse_options_of_other_trainers(cls: type, given: Mapping[str, object] | Iterable[str]) -> None:
-    """Raise :class:`ConfigError` for a given option ``cls`` does not use but another trainer does.
+def hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of an int or [height, width] resolution."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    if len(resolution) != 2:
+        raise ConfigError(f"resolution must be an int or [height, width], got {resolution!r}")
+    return int(resolution[0]), int(resolution[1])
 
-    ``given`` is a mapping of option to value (the Python constructor: an unused option set to None is
-    "not set") or the option names a config sets. Names no trainer knows are left to the caller
-    (Python's TypeError, jsonargparse's unknown-key error)."""
-    from flowrl.algorithms import ALGORITHMS
 
-    values = dict(given) if isinstance(given, Mapping) else {name: ... for name in given}
-    own = trainer_options(cls)
-    foreign = [n for n, v in values.items() if n not in own and not (v is None and n in getattr(cls, "unused_options", ()))]
-    options = {t: trainer_options(other) for t, other in ALGORITHMS.items()} if foreign else {}
-    for name in foreign:
-        users = [t for t, names in options.items() if name in names]
-        if users:
+def check_shared_numbers(group_size, num_inner_epochs, accumulation, train_batch_size, rollout_batch_size, resolution,
+                         num_inference_steps, guidance_scale, max_grad_norm, adv_clip_range, eval_config) -> None:
+    check_number("group_size", group_size, 2, hint=" (group-relative advantages need group_size >= 2)")
+    check_number("num_inner_epochs", num_inner_epochs, 1)
+    check_number("gradient_accumulation_steps", accumulation, 1)
+    check_number("train_batch_size", train_batch_size, 1, allow_none=True, hint="; null = the whole batch")
+    check_number("rollout_batch_size", rollout_batch_size, 1, allow_none=True, hint="; null = train_batch_size")
+    for h_or_w in hw(resolution):
+        check_number("resolution", h_or_w, 1)
+    check_number("num_inference_steps", num_inference_steps, 2, hint=" (the last step is never trained)")
+    check_number("guidance_scale", guidance_scale, 1.0, hint=" (1 = no classifier-free guidance)")
+    check_number("max_grad_norm", max_grad_norm, 0, low_open=True, allow_none=True,
+                 hint="; null disables gradient clipping")
+    check_range_option("adv_clip_range", adv_clip_range, what="; null disables clamping")
+    if eval_config.resolution is not None:
+        for h_or_w in hw(eval_config.resolution):
+            check_number("eval.resolution", h_or_w, 1)
+    check_number("eval.num_inference_steps", eval_config.num_inference_steps, 1, allow_none=True)
+    check_number("eval.guidance_scale", eval_config.guidance_scale, 1.0, allow_none=True,
+                 hint=" (1 = no classifier-free guidance)")
+
+
+def check_schedule(dynamics, sigmas: torch.Tensor, train_steps: Sequence[int]) -> None:
+    """Every step the SDE may take on the loaded policy's schedule must keep a positive coefficient on ``x`` in its
+    mean (else a large noise level flips the sample's sign)."""
+    if not dynamics.is_stochastic:
+        return
+    sigmas = sigmas.float().cpu()
+    x, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    for i in train_steps:
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        out = dynamics.step(x, zero, s, s_next, noise=zero)
+        if not (torch.isfinite(out.mean).all() and torch.isfinite(out.std).all() and out.mean.item() > 0):
             raise ConfigError(
-                f"model.{name} does nothing for trainer_type {cls.trainer_type!r}; it is an option of trainer_type "
-                f"{', '.join(users)}. Remove it, or choose one of those trainers"
+                f"noise_level={dynamics.noise_level} is too large for dynamics {dynamics.name!r} on this schedule: "
+                f"step {i} (sigma {s:.4f} -> {s_next:.4f}) gets a mean coefficient on x of {out.mean.item():.3f} "
+                "(it must stay > 0); lower noise_level or use more sampling steps"
             )
+
+
+def component_config(obj) -> dict | None:
+    """A component object as plain config data, ``{class_path, init_args}`` (its ``__init__`` arguments read back
+    from its attributes): checkpoints keep hyper-parameters as plain data, so they load with ``weights_only``."""
+    if obj is None:
+        return None
+    cls = type(obj)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}}

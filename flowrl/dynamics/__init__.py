@@ -3,6 +3,7 @@
 from flowrl.dynamics.sde import (
     CPS,
     DYNAMICS,
+    Dynamics,
     ODE,
     DanceSDE,
     FlowSDE,
@@ -11,7 +12,7 @@ from flowrl.dynamics.sde import (
     build_dynamics,
     gaussian_log_prob,
 )
-from flowrl.dynamics.selection import StepSelector
+from flowrl.dynamics.selection import SlidingWindow, StepSelector, TrainSteps
 from flowrl.dynamics.timesampling import TIME_SAMPLING_STRATEGIES, sample_train_times, shift_sigma
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "ODE",
     "TIME_SAMPLING_STRATEGIES",
     "DanceSDE",
+    "Dynamics",
+    "SlidingWindow",
+    "TrainSteps",
     "FlowSDE",
     "SDESchedulerMixin",
     "StepOutput",

@@ -29,6 +29,7 @@ from flowrl.errors import ConfigError
 
 __all__ = [
     "CPS",
+    "Dynamics",
     "DYNAMICS",
     "ODE",
     "DanceSDE",
@@ -209,11 +210,19 @@ class SDESchedulerMixin:
         return f"{type(self).__name__}(noise_level={self.noise_level})"
 
 
-def _check_noise_level(noise_level: float) -> float:
+def _check_noise_level(noise_level: float, dynamics: str = "", high: float = math.inf, why: str = "") -> float:
+    """``noise_level`` in ``[0, high)`` (``[0, 1]`` for CPS, ``high`` inclusive when ``why`` says so)."""
     noise_level = float(noise_level)
+    owner = f"noise_level of {dynamics}" if dynamics else "noise_level"
     if not math.isfinite(noise_level) or noise_level < 0:
-        raise ConfigError(f"noise_level must be a finite number >= 0, got {noise_level}")
+        raise ConfigError(f"{owner} must be a finite number >= 0, got {noise_level}")
+    if noise_level >= high:
+        raise ConfigError(f"{owner} must be below {high:.4g}{why}, got {noise_level}")
     return noise_level
+
+
+#: below sqrt(2): at the first step from sigma 1 (Flow-SDE) or the last (Dance-SDE) the mean scales x by 1 - a**2 / 2
+_SQRT2 = math.sqrt(2.0)
 
 
 class FlowSDE(SDESchedulerMixin):
@@ -243,7 +252,13 @@ class FlowSDE(SDESchedulerMixin):
     _MAX_S_DEN = 1.0 - 1e-3
 
     def __init__(self, noise_level: float = 0.7, sigma_max: float | None = None) -> None:
-        self.noise_level = _check_noise_level(noise_level)
+        """
+        Args:
+            noise_level: ``a``, below sqrt(2) (above it the first step's mean flips the sign of x).
+            sigma_max: the denominator's sigma where sigma is 1 (the schedule's sigmas[1]); None = sigma_next there.
+        """
+        self.noise_level = _check_noise_level(noise_level, self.name, _SQRT2,
+                                              " (above sqrt(2) the first step's mean flips the sign of x)")
         if sigma_max is not None and not 0.0 < float(sigma_max) < 1.0:
             raise ConfigError(
                 f"sigma_max must lie in (0, 1) (it is sigmas[1] of the schedule), got {sigma_max}"
@@ -294,7 +309,12 @@ class DanceSDE(SDESchedulerMixin):
     _MIN_S = 1e-6
 
     def __init__(self, noise_level: float = 0.3) -> None:
-        self.noise_level = _check_noise_level(noise_level)
+        """
+        Args:
+            noise_level: ``eta``, below sqrt(2) (above it the last step's mean flips the sign of x).
+        """
+        self.noise_level = _check_noise_level(noise_level, self.name, _SQRT2,
+                                              " (above sqrt(2) the last step's mean flips the sign of x)")
 
     @property
     def eta(self) -> float:
@@ -334,7 +354,11 @@ class CPS(SDESchedulerMixin):
     is_stochastic = True
 
     def __init__(self, noise_level: float = 0.7) -> None:
-        noise_level = _check_noise_level(noise_level)
+        """
+        Args:
+            noise_level: ``a`` in [0, 1] (std = sigma_next * sin(a pi / 2)).
+        """
+        noise_level = _check_noise_level(noise_level, self.name)
         if noise_level > 1.0:
             raise ConfigError(
                 f"CPS noise_level must lie in [0, 1] (std = sigma_next * sin(a pi/2)), got {noise_level}"
@@ -369,9 +393,7 @@ class ODE(SDESchedulerMixin):
     name = "ODE"
     is_stochastic = False
 
-    def __init__(self, noise_level: float = 0.0) -> None:
-        # accepted (and ignored) so that every dynamics is built the same way from a config
-        self.noise_level = _check_noise_level(noise_level)
+    noise_level = 0.0  # no noise, and no option: a noise level set for the ODE is a configuration error
 
     def std_dev_t(self, sigma: SigmaLike, sigma_next: SigmaLike) -> Tensor:
         """Always 0."""
@@ -403,4 +425,13 @@ def build_dynamics(dynamics_type: str, noise_level: float | None = None) -> SDES
         raise ConfigError(
             f"unknown dynamics_type {dynamics_type!r}; choose one of {', '.join(map(repr, DYNAMICS))}"
         ) from None
-    return cls() if noise_level is None else cls(noise_level=noise_level)
+    if noise_level is None:
+        return cls()
+    if cls is ODE:
+        raise ConfigError("noise_level does nothing for dynamics_type ODE (every step is deterministic); remove it, "
+                          "or choose Flow-SDE, Dance-SDE or CPS")
+    return cls(noise_level=noise_level)
+
+
+#: the base class of every sampling rule, by the name a config's type reads best
+Dynamics = SDESchedulerMixin

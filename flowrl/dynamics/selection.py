@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from flowrl.errors import ConfigError
 
-__all__ = ["StepSelector"]
+__all__ = ["SlidingWindow", "StepSelector", "TrainSteps"]
 
 
 class StepSelector:
@@ -152,3 +152,58 @@ class StepSelector:
             f"num_train_steps={self.num_train_steps}, seed={self.seed}, window_size={self.window_size}, "
             f"window_shift_interval={self.window_shift_interval}, window_stride={self.window_stride})"
         )
+
+
+class TrainSteps:
+    """The trained (stochastic) steps as a config component: each iteration draws ``num_train_steps`` of
+    ``train_steps`` (Flow-GRPO-Fast, MixGRPO's random variant), or of the steps inside MixGRPO's progressive window
+    (``window_size`` consecutive steps, from the noisiest, moving ``window_stride`` steps later every
+    ``window_shift_interval`` iterations and wrapping back to step 0); every other step uses the ODE.
+
+    Args:
+        train_steps: candidate step indices in [0, num_inference_steps - 2]; null = all of them.
+        num_train_steps: how many candidates to train per iteration, drawn at random; null = all.
+        window_size: steps in MixGRPO's sliding window; null = no window.
+        window_shift_interval: iterations between two moves of the window (needed with window_size).
+        window_stride: steps the window moves by.
+    """
+
+    def __init__(self, train_steps: list[int] | None = None, num_train_steps: int | None = None,
+                 window_size: int | None = None, window_shift_interval: int | None = None,
+                 window_stride: int = 1) -> None:
+        self.train_steps = None if train_steps is None else [int(i) for i in train_steps]
+        self.num_train_steps = num_train_steps
+        self.window_size, self.window_shift_interval = window_size, window_shift_interval
+        self.window_stride = 1 if window_stride is None else window_stride
+
+    @property
+    def is_default(self) -> bool:
+        """Every step but the last, every iteration."""
+        return (self.train_steps is None and self.num_train_steps is None and self.window_size is None
+                and self.window_shift_interval is None and self.window_stride == 1)
+
+    def bind(self, num_inference_steps: int, seed: int) -> StepSelector:
+        """The selector of a run with ``num_inference_steps`` sampling steps (raises on a step out of range)."""
+        return StepSelector(num_inference_steps, self.train_steps, self.num_train_steps, seed, self.window_size,
+                            self.window_shift_interval, self.window_stride)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(train_steps={self.train_steps}, num_train_steps={self.num_train_steps}, "
+                f"window_size={self.window_size}, window_shift_interval={self.window_shift_interval}, "
+                f"window_stride={self.window_stride})")
+
+
+class SlidingWindow(TrainSteps):
+    """:class:`TrainSteps` with MixGRPO's progressive window (``window_size`` and ``window_shift_interval`` required).
+
+    Args:
+        window_size: steps in the window.
+        window_shift_interval: iterations between two moves of the window.
+        window_stride: steps the window moves by.
+        train_steps: the steps the window may hold; null = all.
+        num_train_steps: train this many of the window's steps, drawn at random; null = all.
+    """
+
+    def __init__(self, window_size: int, window_shift_interval: int, window_stride: int = 1,
+                 train_steps: list[int] | None = None, num_train_steps: int | None = None) -> None:
+        super().__init__(train_steps, num_train_steps, window_size, window_shift_interval, window_stride)

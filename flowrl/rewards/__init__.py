@@ -3,6 +3,7 @@
 from flowrl.rewards.base import (
     Reward,
     RewardError,
+    RewardScores,
     RewardSpec,
     WeightedReward,
     available_rewards,
@@ -14,6 +15,7 @@ from flowrl.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 __all__ = [
     "Reward",
     "RewardError",
+    "RewardScores",
     "RewardSpec",
     "WeightedReward",
     "available_rewards",

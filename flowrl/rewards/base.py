@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from flowrl.errors import ConfigError
+from flowrl.imports import import_class_path
 
 
 @runtime_checkable
@@ -137,21 +137,6 @@ class RewardSpec:
         return reward
 
 
-def import_class_path(path: str):
-    """``pkg.module.Name`` -> the object; a clear error naming what is missing (jsonargparse's own importer
-    is private API, hence this one)."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"class_path {path!r} needs a module: write it as package.module.ClassName")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"class_path {path!r}: cannot import {module_name!r} ({err}); is it installed or on PYTHONPATH?") from err
-    if not hasattr(module, attr):
-        raise ConfigError(f"class_path {path!r}: module {module_name!r} has no {attr!r}")
-    return getattr(module, attr)
-
-
 class WeightedReward:
     """``sum_i weight_i * reward_i(images, prompts)``; also exposes each term for logging.
 
@@ -165,7 +150,6 @@ class WeightedReward:
             raise ConfigError(f"reward names {sorted(rewards)} and weight names {sorted(weights)} differ")
         self.rewards = dict(rewards)
         self.weights = {k: float(v) for k, v in weights.items()}
-        self.last_terms: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_specs(cls, specs: Sequence[RewardSpec | Mapping[str, Any] | Callable]) -> WeightedReward:
@@ -202,26 +186,21 @@ class WeightedReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
         """The weighted sum; raises :class:`RewardError` if a term fails or returns non-finite scores."""
-        total, valid, errors = self.score(images, prompts, group_ids)
-        if errors:
-            raise RewardError(self.stop_message(errors))
-        return total
+        scores = self.score(images, prompts, group_ids)
+        if scores.errors:
+            raise RewardError(self.stop_message(scores.errors))
+        return scores.total
 
     @staticmethod
     def stop_message(errors: Sequence[str]) -> str:
         return "; ".join(errors) + (" (training stops here so that no update is made from a broken reward; fix the "
                                     "reward, or set model.on_reward_error=skip_group to drop the groups)")
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str],
-              group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """``(total, valid, errors)``: the weighted sum, a ``(B,)`` mask of the samples every term scored with a
-        finite number, and what went wrong. A term that raises or returns the wrong shape invalidates the batch.
-        A groupwise term (``groupwise = True``) is called once per group: ``group_ids``, or equal prompts."""
-        total, valid, errors, self.last_terms = self.score_terms(images, prompts, group_ids)
-        return total, valid, errors
-
-    def score_terms(self, images: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor | None = None):
-        """:meth:`score` and the per-term scores, without touching ``last_terms`` (safe from a scoring thread)."""
+    def score(self, images: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor | None = None) -> RewardScores:
+        """The weighted sum, the per-term scores, which samples every term scored with a finite number, and what
+        went wrong (:class:`RewardScores`). A term that raises or returns the wrong shape invalidates the batch.
+        A groupwise term (``groupwise = True``) is called once per group: ``group_ids``, or equal prompts.
+        Keeps no state (safe from a scoring thread)."""
         n = len(prompts)
         total = torch.zeros(n, dtype=torch.float32)
         valid = torch.ones(n, dtype=torch.bool)
@@ -242,7 +221,37 @@ class WeightedReward:
                     valid &= finite
             terms[name] = scores
             total += self.weights[name] * scores
-        return total, valid, errors, terms
+        return RewardScores(total, valid, errors, terms, dict(self.weights))
+
+
+@dataclass
+class RewardScores:
+    """What scoring a batch gave.
+
+    Attributes:
+        total: ``(B,)`` float32 weighted sum of the terms.
+        valid: ``(B,)`` bool, the samples every term scored with a finite number.
+        errors: what went wrong, one line per failure.
+        terms: each term's ``(B,)`` scores by name (NaN where it failed).
+        weights: each term's weight by name.
+    """
+
+    total: torch.Tensor
+    valid: torch.Tensor
+    errors: list[str]
+    terms: dict[str, torch.Tensor]
+    weights: dict[str, float]
+
+    @classmethod
+    def cat(cls, parts: Sequence[RewardScores]) -> RewardScores:
+        """The scores of consecutive parts of one batch, as one."""
+        return cls(torch.cat([p.total for p in parts]), torch.cat([p.valid for p in parts]),
+                   [e for p in parts for e in p.errors],
+                   {k: torch.cat([p.terms[k] for p in parts]) for k in parts[0].terms}, dict(parts[0].weights))
+
+    def select(self, keep: torch.Tensor) -> RewardScores:
+        return RewardScores(self.total[keep], self.valid[keep], list(self.errors),
+                            {k: v[keep] for k, v in self.terms.items()}, dict(self.weights))
 
 
 def _groups(prompts: Sequence[str], group_ids: torch.Tensor | None) -> list[torch.Tensor]:

@@ -7,14 +7,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from flowrl.rewards.base import WeightedReward
+from flowrl.rewards.base import RewardScores, WeightedReward
 
 __all__ = ["AsyncScorer"]
 
 
 class AsyncScorer:
     """A context manager: ``submit(slice, images)`` queues one micro-batch, ``result()`` waits for all and returns
-    ``(total, valid, errors)`` as :meth:`WeightedReward.score` would for the whole batch (and sets ``last_terms``).
+    the :class:`RewardScores` that :meth:`WeightedReward.score` would give for the whole batch.
 
     One worker thread scores the micro-batches in order. Leaving the context (normally, on an exception or on
     Ctrl-C) cancels what has not started and waits for the running one, so no thread outlives the iteration.
@@ -31,15 +31,10 @@ class AsyncScorer:
         return self
 
     def submit(self, sl: slice, images: torch.Tensor) -> None:
-        self._futures.append(self._pool.submit(self.reward_fn.score_terms, images.detach(), self.prompts[sl]))
+        self._futures.append(self._pool.submit(self.reward_fn.score, images.detach(), self.prompts[sl]))
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        parts = [f.result() for f in self._futures]
-        total = torch.cat([p[0] for p in parts])
-        valid = torch.cat([p[1] for p in parts])
-        errors = [e for p in parts for e in p[2]]
-        self.reward_fn.last_terms = {k: torch.cat([p[3][k] for p in parts]) for k in parts[0][3]}
-        return total, valid, errors
+    def result(self) -> RewardScores:
+        return RewardScores.cat([f.result() for f in self._futures])
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

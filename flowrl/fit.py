@@ -1,0 +1,285 @@
+"""``flowrl fit``: a LightningCLI in subclass mode, ``model: {class_path: flowrl.algorithms.NFT, init_args: ...}``,
+plus the one alias table that turns the seed's flat names into that form as each config is loaded.
+
+The seed's names (the guide users migrate from) keep working: ``trainer_type`` chooses the algorithm class,
+``dynamics_type`` and ``noise_level`` the ``dynamics`` component, ``train_steps``, ``num_train_steps`` and the
+MixGRPO window the ``step_selection`` component, ``advantage_aggregation`` the ``advantage_estimator``. They are
+translated in config files (a jsonargparse loader) and as ``--model.<name>`` / ``--trainer_type`` flags; every
+other option is jsonargparse's to check, so an option that belongs to another component is refused by the parser
+itself, and :func:`explain` turns its message into one line naming the option's owners.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import warnings
+from collections.abc import Sequence
+
+import yaml
+from jsonargparse import set_loader
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from flowrl.data import PromptDataModule
+from flowrl.errors import ConfigError
+from flowrl.precision import resolve_precision
+
+__all__ = ["FlowRLCLI", "expand_config_bases", "explain", "fit_main", "translate_argv", "translate_config"]
+
+# ---------------------------------------------------------------------------------------------- the alias table
+TRAINER_TYPES = {"grpo": "flowrl.algorithms.GRPO", "grpo-guard": "flowrl.algorithms.GRPOGuard",
+                 "nft": "flowrl.algorithms.NFT", "awm": "flowrl.algorithms.AWM"}
+DYNAMICS_TYPES = {"Flow-SDE": "flowrl.dynamics.FlowSDE", "Dance-SDE": "flowrl.dynamics.DanceSDE",
+                  "CPS": "flowrl.dynamics.CPS", "ODE": "flowrl.dynamics.ODE"}
+ADVANTAGE_AGGREGATIONS = {"sum": "group", "gdpo": "gdpo"}
+#: flat model option -> (component option, its class_path, the init arg)
+COMPONENT_OPTIONS = {
+    "noise_level": ("dynamics", None, "noise_level"),
+    **{name: ("step_selection", "flowrl.dynamics.TrainSteps", name)
+       for name in ("train_steps", "num_train_steps", "window_size", "window_shift_interval", "window_stride")},
+}
+DEFAULT_TRAINER_TYPE = "grpo"
+
+
+def _choice(table: dict, option: str, value):
+    if value not in table:
+        raise ConfigError(f"{option} {value!r} is unknown; choose one of {', '.join(map(str, table))}")
+    return table[value]
+
+
+def translate_config(doc):
+    """A loaded config document in class_path form (documents without the seed's names come back unchanged)."""
+    if not isinstance(doc, dict):
+        return doc
+    doc = dict(doc)
+    trainer_type = doc.pop("trainer_type", None)
+    model = doc.get("model")
+    if trainer_type is None and not isinstance(model, dict):
+        return doc
+    model = dict(model or {})
+    wrapped = "class_path" in model or "init_args" in model
+    init = dict(model.get("init_args") or {}) if wrapped else model
+    if trainer_type is not None:
+        model = {"class_path": _choice(TRAINER_TYPES, "trainer_type", trainer_type)}
+        wrapped = True
+    if "advantage_aggregation" in init:
+        init["advantage_estimator"] = _choice(ADVANTAGE_AGGREGATIONS, "advantage_aggregation",
+                                              init.pop("advantage_aggregation"))
+    dynamics_type = init.pop("dynamics_type", None)
+    flat = {name: init.pop(name) for name in list(init) if name in COMPONENT_OPTIONS}
+    if dynamics_type is not None or flat.get("noise_level") is not None:
+        # the seed's default dynamics_type is Flow-SDE
+        path = _choice(DYNAMICS_TYPES, "dynamics_type", dynamics_type or "Flow-SDE")
+        args = {} if flat.get("noise_level") is None else {"noise_level": flat["noise_level"]}
+        init["dynamics"] = {"class_path": path, **({"init_args": args} if args else {})}
+    selection = {name: value for name, value in flat.items() if name != "noise_level" and value is not None}
+    if selection:
+        init["step_selection"] = {"class_path": "flowrl.dynamics.TrainSteps", "init_args": selection}
+    if wrapped:
+        model["init_args"] = init
+        doc["model"] = model
+    else:
+        doc["model"] = init
+    return doc
+
+
+def _flowrl_loader(text: str):
+    return translate_config(yaml.safe_load(text))
+
+
+set_loader("flowrl", _flowrl_loader, exceptions=(yaml.YAMLError,))
+
+
+def translate_argv(args: Sequence[str]) -> list[str]:
+    """``--trainer_type X`` and ``--model.<seed name>=V`` flags in class_path form (the alias table again)."""
+    out: list[str] = []
+    items = list(args)
+    i = 0
+    while i < len(items):
+        a = items[i]
+        name, value, used = None, None, 1
+        for flag in ("--trainer_type", "--model.dynamics_type", "--model.advantage_aggregation",
+                     *(f"--model.{n}" for n in COMPONENT_OPTIONS)):
+            if a == flag and i + 1 < len(items):
+                name, value, used = flag, items[i + 1], 2
+            elif a.startswith(flag + "="):
+                name, value = flag, a.split("=", 1)[1]
+        i += used
+        if name is None:
+            out.append(a)
+        elif name == "--trainer_type":
+            out.append(f"--model={_choice(TRAINER_TYPES, 'trainer_type', value)}")
+        elif name == "--model.dynamics_type":
+            out.append(f"--model.dynamics={_choice(DYNAMICS_TYPES, 'dynamics_type', value)}")
+        elif name == "--model.advantage_aggregation":
+            out.append(f"--model.advantage_estimator={_choice(ADVANTAGE_AGGREGATIONS, 'advantage_aggregation', value)}")
+        else:
+            option = name[len("--model."):]
+            component, class_path, arg = COMPONENT_OPTIONS[option]
+            if class_path is not None:
+                out.append(f"--model.{component}={class_path}")
+            out.append(f"--model.{component}.{arg}={value}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- base: chains
+def expand_config_bases(args: Sequence[str]) -> list[str]:
+    """Each ``--config FILE`` whose YAML names ``base: OTHER`` (a path relative to FILE) becomes ``--config OTHER
+    --config <FILE's other keys>``, recursively: LightningCLI merges several ``--config`` files in order (a later
+    value wins; a list is replaced, or extended by a ``key+:`` entry), so a config states only what differs from
+    its base.
+
+    Hand-written: jsonargparse merges the ``--config`` files a command line lists, but a file cannot name the one
+    it extends. The ``base`` key is consumed here, so a printed or saved config is the merged whole."""
+    expanded: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            expanded += [arg for config in _config_chain(args[i + 1], ()) for arg in (a, config)]
+            i += 2
+        elif a.startswith("--config="):
+            expanded += [arg for config in _config_chain(a.split("=", 1)[1], ()) for arg in ("--config", config)]
+            i += 1
+        else:
+            expanded.append(a)
+            i += 1
+    return expanded
+
+
+def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
+    """``config`` preceded by its bases; a file that names a base is passed on as its other keys (inline YAML)."""
+    is_file = os.path.isfile(config)
+    try:
+        data = yaml.safe_load(open(config, encoding="utf-8") if is_file else config)
+    except (yaml.YAMLError, OSError):
+        return [config]  # jsonargparse reports it
+    if not isinstance(data, dict) or "base" not in data:
+        return [config]
+    base, name = data.pop("base"), config if is_file else "an inline --config"
+    # a file's base is relative to it; inline YAML's to the working directory (or absolute)
+    path = os.path.normpath(os.path.join(os.path.dirname(config) if is_file else "", str(base)))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
+    if os.path.abspath(path) in seen or (is_file and os.path.abspath(path) == os.path.abspath(config)):
+        raise ConfigError(f"{name}: base {base!r} leads back to itself")
+    return [*_config_chain(path, (*seen, os.path.abspath(config))), yaml.safe_dump(data, sort_keys=False)]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _options_of(cls) -> set[str]:
+    """The ``__init__`` options of ``cls``, following ``**kwargs`` to the parents (as jsonargparse does)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _owners(option: str) -> list[str]:
+    from flowrl.algorithms import ALGORITHMS
+    from flowrl.dynamics import CPS, ODE, DanceSDE, FlowSDE, TrainSteps
+
+    owners = [f"model: {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (trainer_type {name})"
+              for name, cls in ALGORITHMS.items() if option in _options_of(cls)]
+    owners += [f"model.dynamics: flowrl.dynamics.{cls.__name__}" for cls in (FlowSDE, DanceSDE, CPS, ODE)
+               if option in _options_of(cls)]
+    owners += ["model.step_selection: flowrl.dynamics.TrainSteps"] if option in _options_of(TrainSteps) else []
+    return owners
+
+
+def _reason(error: BaseException) -> str:
+    """jsonargparse wraps what a constructor raised in its own (multi-line) error: the deepest ConfigError (or a
+    missing file) is the reason; else its own message, made one line by :func:`explain`."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 50:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    reason = next((c for c in reversed(chain) if isinstance(c, (ConfigError, FileNotFoundError))), None)
+    if reason is None and len(chain) > 1 and "Option '" not in str(error):
+        reason = chain[-1]  # what a constructor (e.g. a callback's) raised
+    return str(reason) if reason is not None else explain(str(error))
+
+
+def explain(message: str) -> str:
+    """jsonargparse's (nested, multi-line) parse error as one line: for an option the chosen class does not take,
+    which component it belongs to and the fix."""
+    refused = list(re.finditer(r"Option '([^']+)' is not accepted", message))
+    if refused:
+        option = refused[-1].group(1)
+        before = message[:refused[-1].start()]
+        class_path = (re.findall(r"class_path '([^']+)'", before) or ["?"])[-1]
+        keys = re.findall(r'Parser key "([^"]+)"', before)
+        where = "model" + "".join(f".{k}" for k in keys if k != "model")
+        owners = _owners(option)
+        hint = (f"it is an option of {'; '.join(owners)}" if owners else "no flowrl component has it (a typo?)")
+        return f"{where}.{option} does nothing for {class_path}: {hint}. Remove it, or choose that component"
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Subtypes:", "Errors:", "- Expected a <class 'NoneType'>",
+                                                       "Given value", "Does not validate against any"))]
+    return " ".join(useful[-3:] if len(useful) > 3 else useful)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+TRAINER_DEFAULTS = {
+    "use_distributed_sampler": False,  # flowrl's group sampler shards whole groups itself
+    "log_every_n_steps": 1,
+    "logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+    ],
+}
+
+
+class FlowRLCLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("parser_mode", "flowrl")  # the alias table applies to every loaded config
+        kwargs.setdefault("exit_on_error", False)  # errors become one ``error:`` line (:func:`explain`)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"model": {"class_path": TRAINER_TYPES[DEFAULT_TRAINER_TYPE]}})
+        parser.link_arguments("model.init_args.group_size", "data.group_size")
+
+    def before_instantiate_classes(self) -> None:
+        """An unset ``trainer.precision`` on a CPU run becomes what the CPU computes natively (:mod:`flowrl.precision`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        chosen, why = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+        if why is not None:
+            config.trainer.precision = chosen
+            rank_zero_info(why)
+
+    def instantiate_classes(self) -> None:
+        """Errors raised while the configured classes are built are configuration errors (no work started)."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(_reason(e)) from e
+
+
+def fit_main(args: Sequence[str], run: bool = True) -> FlowRLCLI:
+    """``flowrl fit ...`` (``run=False``: parse and build the classes only, no subcommand)."""
+    from jsonargparse import ArgumentError
+
+    from flowrl.algorithms import FlowRLModule
+
+    argv = translate_argv(expand_config_bases(list(args)))
+    try:
+        with warnings.catch_warnings():
+            # flowrl's own command passes its command line as ``args`` (after the aliases): not the mistake
+            # LightningCLI warns about when a script mixes both
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            return FlowRLCLI(FlowRLModule, PromptDataModule, subclass_mode_model=True, args=argv, run=run,
+                             trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                             parser_kwargs={"default_env": False})
+    except ArgumentError as e:
+        raise ConfigError(_reason(e)) from e
