@@ -53,8 +53,9 @@ def reference() -> str:
     import callbacks
     from flowrl.algorithms import ALGORITHMS
     from flowrl.algorithms.base import EvalConfig
-    from flowrl.algorithms.options import trainer_options
     from flowrl.data import PromptDataModule
+    from flowrl.dynamics import CPS, ODE, DanceSDE, FlowSDE, TrainSteps
+    from flowrl.fit import options_of as trainer_options
     from flowrl.policy import PolicyConfig
     from flowrl.rewards import RewardSpec
 
@@ -80,11 +81,13 @@ def reference() -> str:
            "prints); do not edit by hand. Every option is a key of the YAML config or a `--section.option=value`",
            "flag of `flowrl fit`.", "",
            "## `model`", "",
-           "`trainer_type` (`grpo`, `grpo-guard`, `nft`, `awm`; default `grpo`) picks the class: GRPO, GRPOGuard,",
-           "NFT, AWM. An option set for a trainer that does not use it is an error.", "",
+           "`model.class_path` picks the algorithm: `flowrl.algorithms.GRPO`, `GRPOGuard`, `NFT`, `AWM` (or a class of",
+           "your own); the seed's `trainer_type` (`grpo`, `grpo-guard`, `nft`, `awm`; default `grpo`) is its alias. Its",
+           "options go under `model.init_args`; an option the chosen class does not take is an error.", "",
            "| option | type | default | used by | description |", "|---|---|---|---|---|"]
     out += [f"| `{n}` | {_code(k)} | {_code(d)} | {u} | {_cell(text)} |" for n, k, d, text, u in rows]
-    sections = [("`model.policy`", PolicyConfig), ("`model.eval`", EvalConfig), ("`model.rewards[]` (each entry)", RewardSpec),
+    sections = [(f"`model.dynamics`: `flowrl.dynamics.{cls.__name__}`", cls) for cls in (FlowSDE, DanceSDE, CPS, ODE)]
+    sections += [("`model.step_selection`: `flowrl.dynamics.TrainSteps`", TrainSteps), ("`model.policy`", PolicyConfig), ("`model.eval`", EvalConfig), ("`model.rewards[]` (each entry)", RewardSpec),
                 ("`data`", PromptDataModule)]
     sections += [(f"`trainer.callbacks`: `callbacks.{name}`", getattr(callbacks, name))
                  for name in ("EMA", "OffPolicySampling", "ReferenceModel", "SamplePlots")]

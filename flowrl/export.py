@@ -197,7 +197,7 @@ def _config_arg(config: str | os.PathLike) -> str:
 
 def build_module(configs: Sequence[str | os.PathLike], overrides: Sequence[str] = ()):
     """The LightningModule ``flowrl fit --config ... <overrides>`` would train (built on the CPU, not run)."""
-    from flowrl.cli import main
+    from flowrl.fit import fit_main as main
 
     args = [a for c in configs for a in ("--config", _config_arg(c))]
     cli = main([*args, *_TRAINER_OVERRIDES, *overrides], run=False)

@@ -169,7 +169,7 @@ def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def _options_of(cls) -> set[str]:
+def options_of(cls) -> set[str]:
     """The ``__init__`` options of ``cls``, following ``**kwargs`` to the parents (as jsonargparse does)."""
     names: set[str] = set()
     for klass in cls.__mro__:
@@ -188,10 +188,10 @@ def _owners(option: str) -> list[str]:
     from flowrl.dynamics import CPS, ODE, DanceSDE, FlowSDE, TrainSteps
 
     owners = [f"model: {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (trainer_type {name})"
-              for name, cls in ALGORITHMS.items() if option in _options_of(cls)]
+              for name, cls in ALGORITHMS.items() if option in options_of(cls)]
     owners += [f"model.dynamics: flowrl.dynamics.{cls.__name__}" for cls in (FlowSDE, DanceSDE, CPS, ODE)
-               if option in _options_of(cls)]
-    owners += ["model.step_selection: flowrl.dynamics.TrainSteps"] if option in _options_of(TrainSteps) else []
+               if option in options_of(cls)]
+    owners += ["model.step_selection: flowrl.dynamics.TrainSteps"] if option in options_of(TrainSteps) else []
     return owners
 
 

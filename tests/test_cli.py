@@ -4,8 +4,8 @@ import os
 import pytest
 
 from flowrl.cli import console_main, main
-from flowrl.fit import expand_config_bases, translate_argv, translate_config
 from flowrl.errors import ConfigError
+from flowrl.fit import expand_config_bases, translate_argv, translate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))

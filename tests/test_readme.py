@@ -172,20 +172,30 @@ def test_migration_table_covers_every_option_the_guide_names():
 @pytest.mark.parametrize("row", migration_rows(), ids=lambda r: r[0].strip("`"))
 def test_migration_row_matches_the_code(row):
     import callbacks
+    import flowrl.dynamics
     from flowrl.algorithms import ALGORITHMS
     from flowrl.algorithms.base import EvalConfig
-    from flowrl.algorithms.options import trainer_options
-    from flowrl.cli import DEFAULT_TRAINER_TYPE
+    from flowrl.fit import DEFAULT_TRAINER_TYPE
+    from flowrl.fit import options_of as trainer_options
 
     _, where, default = row
-    if where == "`trainer_type`":
+    if where.startswith("`trainer_type`"):
         assert code(default) == DEFAULT_TRAINER_TYPE
         return
-    callback = re.fullmatch(r"`callbacks\.(\w+)\((\w+)\)`", where)
-    if callback:
-        assert effective_default(getattr(callbacks, callback[1]), callback[2]) == code(default)
+    component = re.fullmatch(r"`(callbacks|flowrl\.dynamics)\.(\w+)\((\w+)\)`", where)
+    if component:
+        owner = getattr(callbacks if component[1] == "callbacks" else flowrl.dynamics, component[2])
+        assert effective_default(owner, component[3]) == code(default.split(" (")[0])
+        return
+    if where == "`model.dynamics`":  # the algorithm's default_dynamics(), by import path
+        for part in default.split(";"):
+            names, _, value = part.partition(":")
+            for trainer in names.split(","):
+                made = ALGORITHMS[trainer.strip()].default_dynamics(None)
+                assert f"flowrl.dynamics.{type(made).__name__}" == code(value.strip()), trainer
         return
     option = re.match(r"`model\.([\w.]+)`", where)[1]
+    default = default.split(" (")[0] if option == "advantage_estimator" else default
     if option == "eval.resolution":
         assert EvalConfig().resolution is None and default.startswith("`null`")
         return

@@ -1,7 +1,6 @@
 """Options that would do nothing, or values outside their range, are refused by name before any work starts."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from tiny import make_module
 from flowrl.algorithms import ALGORITHMS, AWM, GRPO, NFT, GRPOGuard
 from flowrl.cli import console_main, main
 from flowrl.errors import ConfigError
-from flowrl.fit import COMPONENT_OPTIONS, _options_of
+from flowrl.fit import COMPONENT_OPTIONS, options_of
 from flowrl.policy import PolicyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +155,7 @@ MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or d
 @pytest.mark.parametrize("trainer", sorted(ALGORITHMS))
 def test_every_option_of_every_trainer_has_a_refused_out_of_range_value(tiny_sd3_path, trainer):
     cls = ALGORITHMS[trainer]
-    options = _options_of(cls) | set(COMPONENT_OPTIONS)  # the components' options by their seed names
+    options = options_of(cls) | set(COMPONENT_OPTIONS)  # the components' options by their seed names
     unlisted = options - set(OUT_OF_RANGE) - NOT_NUMERIC
     assert not unlisted, f"{trainer}: options without an out-of-range check in this test: {sorted(unlisted)}"
     base = {"dynamics_type": "Flow-SDE", "noise_level": 0.7} if cls.needs_log_prob else {}

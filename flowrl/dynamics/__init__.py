@@ -3,9 +3,9 @@
 from flowrl.dynamics.sde import (
     CPS,
     DYNAMICS,
-    Dynamics,
     ODE,
     DanceSDE,
+    Dynamics,
     FlowSDE,
     SDESchedulerMixin,
     StepOutput,
