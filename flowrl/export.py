@@ -124,7 +124,7 @@ def _save_full(policy, out_dir: str) -> dict[str, Any]:
 
 
 def _call_kwargs(pipeline, adapter) -> dict:
-    from flowrl.sample import conditioning_kwargs
+    from flowrl.policy.adapter import conditioning_kwargs
 
     return conditioning_kwargs(pipeline, adapter)
 

@@ -29,6 +29,7 @@ import yaml
 
 from callbacks.plots import save_grid
 from flowrl.errors import ConfigError
+from flowrl.policy.adapter import conditioning_kwargs
 
 __all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "sample_main"]
 
@@ -61,19 +62,6 @@ def load_sampling_pipeline(model: str | None = None, lora: str | None = None):
     if lora is not None:
         pipeline.load_lora_weights(lora)
     return pipeline
-
-
-def conditioning_kwargs(pipeline, adapter=None) -> dict:
-    """The ``pipeline(...)`` arguments that make its text context (T5 tokens) and frame count the ones flowrl
-    trains with: an SD3 without T5 trains on 0 T5 tokens, where the stock call pads 256 zero tokens."""
-    import inspect
-
-    from flowrl.policy import adapter_for
-
-    adapter = adapter or adapter_for(pipeline)
-    accepted = inspect.signature(type(pipeline).__call__).parameters
-    values = {"max_sequence_length": adapter.max_sequence_length, "num_frames": adapter.num_frames}
-    return {k: v for k, v in values.items() if v is not None and k in accepted}
 
 
 @torch.no_grad()

@@ -285,3 +285,13 @@ class PackedLatentsAdapter(ModelAdapter):
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
         return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 
+
+def conditioning_kwargs(pipeline, adapter=None) -> dict:
+    """The ``pipeline(...)`` arguments that make its text context (T5 tokens) and frame count the ones flowrl
+    trains with: an SD3 without T5 trains on 0 T5 tokens, where the stock call pads 256 zero tokens."""
+    import inspect
+
+    adapter = adapter or adapter_for(pipeline)
+    accepted = inspect.signature(type(pipeline).__call__).parameters
+    values = {"max_sequence_length": adapter.max_sequence_length, "num_frames": adapter.num_frames}
+    return {k: v for k, v in values.items() if v is not None and k in accepted}

@@ -1,4 +1,4 @@
-"""The reward protocol, the reward registry and the weighted sum of rewards."""
+"""The reward protocol, reward specs and the weighted sum of rewards (the registry is flowrl.rewards.registry)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from PIL import Image
 
 from flowrl.errors import ConfigError
 from flowrl.imports import import_class_path
+from flowrl.rewards.registry import available_rewards, build_reward, register_reward  # noqa: F401 (re-exported)
 
 
 @runtime_checkable
@@ -34,42 +35,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``(B, C, H, W)`` floats in [0, 1] -> PIL images (RGB, or grey for one channel)."""
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8(images)]
-
-
-_REGISTRY: dict[str, Callable[..., Reward]] = {}
-
-
-def register_reward(name: str) -> Callable:
-    """Class/function decorator: makes a reward buildable by ``name`` from configs."""
-
-    def wrap(factory):
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ConfigError(f"reward name {name!r} is already registered by {_REGISTRY[name]!r}")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_rewards() -> list[str]:
-    _import_builtins()
-    return sorted(_REGISTRY)
-
-
-def build_reward(name: str, **kwargs: Any) -> Reward:
-    _import_builtins()
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown reward {name!r}; registered rewards are {sorted(_REGISTRY)}. "
-            "Register your own with @flowrl.rewards.register_reward('name')."
-        )
-    return _REGISTRY[name](**kwargs)
-
-
-def _import_builtins() -> None:
-    # Built-in rewards register themselves on import.
-    from flowrl.rewards import clip, hps, image_reward, jpeg, ocr, remote, video  # noqa: F401
-    from flowrl.toy import verifier  # noqa: F401
 
 
 @dataclass

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from flowrl.rewards.base import register_reward, to_pil
+from flowrl.rewards.base import to_pil
+from flowrl.rewards.registry import register_reward
 
 __all__ = ["AestheticScore", "ClipScore", "PickScore", "PickScoreRank", "AestheticHead"]
 

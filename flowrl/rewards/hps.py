@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import register_reward
 from flowrl.rewards.clip import _Clip
+from flowrl.rewards.registry import register_reward
 
 __all__ = ["HPSv2", "load_openclip_state", "openclip_to_hf"]
 

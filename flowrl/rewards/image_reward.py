@@ -38,8 +38,9 @@ from PIL import Image
 from torch import nn
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import register_reward, to_pil
+from flowrl.rewards.base import to_pil
 from flowrl.rewards.clip import AestheticHead
+from flowrl.rewards.registry import register_reward
 
 __all__ = ["ImageReward", "ImageRewardModel", "blip_config", "convert_original_state_dict", "preprocess",
            "UNUSED_CHECKPOINT_KEYS"]

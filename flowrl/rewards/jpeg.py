@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from flowrl.rewards.base import register_reward, to_pil
+from flowrl.rewards.base import to_pil
+from flowrl.rewards.registry import register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import register_reward, to_uint8
+from flowrl.rewards.base import to_uint8
+from flowrl.rewards.registry import register_reward
 
 __all__ = ["OcrReward", "quoted_text", "text_score"]
 

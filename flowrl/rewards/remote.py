@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import RewardSpec, register_reward, to_pil
+from flowrl.rewards.base import RewardSpec, to_pil
+from flowrl.rewards.registry import register_reward
 
 __all__ = ["RemoteReward", "decode_png", "encode_png", "make_server", "serve_reward_main", "server_healthy"]
 

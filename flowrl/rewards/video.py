@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from flowrl.errors import ConfigError
-from flowrl.rewards.base import RewardSpec, register_reward
+from flowrl.rewards.base import RewardSpec
+from flowrl.rewards.registry import register_reward
 
 
 @register_reward("frames")

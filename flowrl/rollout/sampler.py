@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Sequence
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -39,7 +39,7 @@ class RolloutSampler:
     """
 
     def __init__(self, policy, dynamics: SDESchedulerMixin | None = None, train_batch_size: int | None = None,
-                 rollout_batch_size: int | None = None, profile: Callable[[str], ContextManager] | None = None):
+                 rollout_batch_size: int | None = None, profile: Callable[[str], AbstractContextManager] | None = None):
         self.policy = policy
         self.dynamics = dynamics if dynamics is not None else ODE()
         self.ode = ODE()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flowrl.rewards.base import register_reward
+from flowrl.rewards.registry import register_reward
 from flowrl.toy.shapes import CATEGORIES, COLORS, SHAPES, Scene, in_shape, parse_prompt
 
 _NAMES = tuple(COLORS)
