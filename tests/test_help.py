@@ -38,11 +38,26 @@ def undocumented(text: str, prefixes: tuple[str, ...]) -> tuple[list[str], int]:
 
 
 @pytest.mark.parametrize("trainer_type", sorted(ALGORITHMS))
-def test_every_model_and_data_option_has_a_description(capsys, trainer_type):
-    text = help_text(capsys, "--trainer_type", trainer_type, "--help")
-    missing, seen = undocumented(text, ("--model.", "--data."))
-    assert seen > 40 and not missing, f"options without a description (add them to the class's Args:): {missing}"
+def test_every_model_option_has_a_description(capsys, trainer_type):
+    cls = ALGORITHMS[trainer_type]
+    text = help_text(capsys, "--model.help", f"flowrl.algorithms.{cls.__name__}")
+    missing, seen = undocumented(text, ("--model.",))
+    assert seen > 25 and not missing, f"options without a description (add them to the class's Args:): {missing}"
     assert "(type: int, default: 8)" in text  # group_size: type and default are shown too
+
+
+@pytest.mark.parametrize("component", ["flowrl.dynamics.FlowSDE", "flowrl.dynamics.DanceSDE", "flowrl.dynamics.CPS",
+                                       "flowrl.dynamics.TrainSteps"])
+def test_every_component_option_has_a_description(capsys, component):
+    name = "step_selection" if component.endswith("TrainSteps") else "dynamics"
+    text = help_text(capsys, f"--model.{name}.help", component)
+    missing, seen = undocumented(text, (f"--{name}.",))
+    assert seen >= 1 and not missing, f"{component}: options without a description: {missing}"
+
+
+def test_every_data_option_has_a_description(capsys):
+    missing, seen = undocumented(help_text(capsys, "--help"), ("--data.",))
+    assert seen > 5 and not missing, f"options without a description (add them to the class's Args:): {missing}"
 
 
 @pytest.mark.parametrize("callback", ["callbacks.EMA", "callbacks.OffPolicySampling", "callbacks.ReferenceModel",
