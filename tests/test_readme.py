@@ -49,15 +49,15 @@ def in_a_user_checkout(tmp_path, monkeypatch):
 def test_python_block_runs(index, in_a_user_checkout):
     """Executed as a script of its own would be (``__name__ == "__main__"``); a reward it registers is
     unregistered afterwards."""
-    from flowrl.rewards import base
+    from flowrl.rewards import registry
 
-    base._import_builtins()
-    registered = dict(base._REGISTRY)
+    registry._import_builtins()
+    registered = dict(registry._REGISTRY)
     try:
         exec(compile(blocks("python")[index], f"README.md python block {index}", "exec"), {"__name__": "__main__"})
     finally:
-        base._REGISTRY.clear()
-        base._REGISTRY.update(registered)
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(registered)
 
 
 @pytest.mark.parametrize("index", range(len(blocks("yaml"))))
@@ -68,7 +68,11 @@ def test_yaml_block_is_a_valid_config_overlay(index, in_a_user_checkout):
     cli = main(["--config", "lightning_configs/toy/nft.yaml", "--config", str(overlay), "--trainer.logger=false"],
                run=False)
     for key, value in yaml.safe_load(blocks("yaml")[index])["model"].items():
-        if not isinstance(value, (list, dict)):
+        if key == "advantage_aggregation":  # the seed's name of the registered estimator
+            from flowrl.advantages import ADVANTAGE_ESTIMATORS
+
+            assert cli.model.advantage_estimator is ADVANTAGE_ESTIMATORS[{"sum": "group"}.get(value, value)]
+        elif not isinstance(value, (list, dict)):
             assert getattr(cli.model, key) == value
 
 
