@@ -1,30 +1,25 @@
-"""What every flowrl algorithm shares: the wiring of policy, sampler, rewards and update loop, and the Lightning hooks.
-
-An algorithm subclass says what a rollout must store (``stores_trajectory``, ``stores_means``), which sampling
-dynamics it can train with (``needs_log_prob``) and how stored data becomes a loss (``training_loss`` over its
-``training_units``). One iteration (``training_step``) reads: sample -> score -> advantages -> update -> log.
-The Lightning ``Trainer`` owns devices, precision, strategies and checkpoints.
-"""
+"""What every algorithm shares: the wiring of policy, sampler, rewards and update loop, and the Lightning hooks.
+A subclass says what a rollout stores, which dynamics it trains with and how stored data becomes a loss; one
+iteration (``training_step``) reads sample -> score -> advantages -> update -> log."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
 import torch
 
-from callbacks import ReferenceModel, enter_sampling_contexts
+from callbacks import ReferenceModel
 from flowrl.advantages import resolve_advantage_estimator
-from flowrl.algorithms import metrics, scores, update
-from flowrl.algorithms.options import EvalConfig, check_schedule, check_shared_numbers, component_config, hw
+from flowrl.algorithms import metrics, options, rollouts, scores, update
+from flowrl.algorithms.options import EvalConfig, hw
 from flowrl.checkpoint import use_atomic_checkpoints
 from flowrl.dynamics import Dynamics, FlowSDE, TrainSteps
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
-from flowrl.rewards import RewardScores, RewardSpec, WeightedReward
+from flowrl.rewards import RewardScores, RewardSpec
 from flowrl.rewards.scoring import AsyncScorer
 from flowrl.rollout import Rollout, RolloutSampler, keyed_generator, per_sample_generators
 
@@ -127,33 +122,20 @@ class FlowRLModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
         # Configuration errors surface here, before any weights load.
-        check_shared_numbers(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size,
+        options.check_shared_numbers(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size,
                              rollout_batch_size, resolution, num_inference_steps, guidance_scale, max_grad_norm,
                              adv_clip_range, self.eval_config)
-        if async_rewards and rollout_batch_size is not None:
-            raise ConfigError("async_rewards scores each micro-batch as it finishes sampling, and rollout_batch_size "
-                              "samples the whole batch step by step (no micro-batch finishes early); set one of "
-                              "them: rollout_batch_size: null or async_rewards: false")
-        if on_reward_error not in scores.ON_REWARD_ERROR:
-            raise ConfigError(f"model.on_reward_error must be one of {', '.join(scores.ON_REWARD_ERROR)}; "
-                              f"got {on_reward_error!r}")
         self.on_reward_error = on_reward_error
         self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
         self.check_dynamics()
         self.step_selector = (step_selection or TrainSteps()).bind(num_inference_steps, seed)
-        # One WeightedReward in every case (a plain callable is its one term): its checks guard every reward.
-        self.reward_fn = rewards if isinstance(rewards, WeightedReward) else WeightedReward.from_specs(
-            [rewards] if callable(rewards) else rewards or [RewardSpec("jpeg_compressibility")])
-        groupwise = [k for k, r in self.reward_fn.rewards.items() if getattr(r, "groupwise", False)]
-        if async_rewards and groupwise:
-            raise ConfigError(f"async_rewards scores each micro-batch as it is sampled; the groupwise reward(s) "
-                              f"{groupwise} need whole groups: set async_rewards: false")
+        self.reward_fn = scores.reward_function(rewards, on_reward_error, async_rewards, rollout_batch_size)
         policy = PolicyConfig(**policy) if isinstance(policy, dict) else policy
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
         self.sampler = RolloutSampler(self.policy, self.dynamics, train_batch_size, rollout_batch_size, self.profile)
-        check_schedule(self.dynamics, self.policy.sigmas(num_inference_steps, self.height, self.width),
-                       self.step_selector.train_steps)
+        sigmas = self.policy.sigmas(num_inference_steps, self.height, self.width)
+        options.check_schedule(self.dynamics, sigmas, self.step_selector.train_steps)
         self.check_guidance(guidance_scale, self.eval_config.guidance_scale)
         self.policy.check_resolution(*hw(self.eval_config.resolution or [self.height, self.width]))
         self.val_metrics = metrics.ValidationMetrics(self.reward_fn)
@@ -170,29 +152,18 @@ class FlowRLModule(L.LightningModule):
         ignore += ["rewards"] if callable(rewards) else []
         self.save_hyperparameters(ignore=ignore, logger=False)
         for key in list(self.hparams):
-            self.hparams[key] = _plain(self.hparams[key])
+            self.hparams[key] = options.plain(self.hparams[key])
 
     def check_dynamics(self) -> None:
         """Refuse sampling dynamics this algorithm cannot train with (called in ``__init__``, before loading)."""
-        name = self.dynamics.name
-        if self.needs_log_prob and not self.dynamics.is_stochastic:
-            raise ConfigError(
-                f"trainer_type {self.trainer_type!r} needs a tractable log-prob, which dynamics {name!r} does not "
-                "give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling")
-        if self.needs_log_prob and self.dynamics.noise_level <= 0:
-            raise ConfigError(
-                f"trainer_type {self.trainer_type!r} with dynamics {name!r} at noise_level {self.dynamics.noise_level}"
-                ": every trained step then has std 0, a constant log-prob and a zero policy gradient (the run would "
-                "learn nothing); set noise_level > 0 (e.g. 0.7)")
+        options.check_trainable_dynamics(self.dynamics, self.needs_log_prob, self.trainer_type)
 
     def check_guidance(self, *guidance_scales: float | None) -> None:
         """Guidance scales the model family cannot use (e.g. any but 1 on FLUX.1-schnell) fail at construction."""
         check = getattr(self.policy.adapter, "check_guidance", None)
-        for scale in guidance_scales:
-            if check is not None and scale is not None:
-                check(scale)
+        for scale in [g for g in guidance_scales if g is not None and check is not None]:
+            check(scale)
 
-    # ------------------------------------------------------------------ Lightning plumbing
     def configure_optimizers(self):
         params = list(self.policy.trainable_parameters())
         if not params:
@@ -212,7 +183,7 @@ class FlowRLModule(L.LightningModule):
                               "does not have; use kl_type: v-based or stochastic dynamics")
         use_atomic_checkpoints(self.trainer)  # a run killed while saving keeps its last checkpoint readable
 
-    def on_save_checkpoint(self, checkpoint):
+    def on_save_checkpoint(self, checkpoint):  # the trained parameters only
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
         checkpoint["flowrl_iteration"] = self.iteration
@@ -244,10 +215,8 @@ class FlowRLModule(L.LightningModule):
         return found[0] if found and found[0].enabled else None
 
     def profile(self, phase: str):
-        """A phase of the iteration under the Trainer's profiler, as ``[flowrl] <phase>``: with
-        ``--trainer.profiler=simple`` the report splits each iteration into prompt encoding, sampling steps,
-        decoding, reward, frozen velocities, training forwards, backwards, optimizer and logging
-        (``benchmarks/overhead.py`` reads the same records)."""
+        """A phase of the iteration under the Trainer's profiler, as ``[flowrl] <phase>`` (``--trainer.profiler=simple``
+        splits each iteration into its phases; ``benchmarks/overhead.py`` reads the same records)."""
         profiler = getattr(self._trainer, "profiler", None)
         return profiler.profile(f"[flowrl] {phase}") if profiler is not None else contextlib.nullcontext()
 
@@ -258,45 +227,14 @@ class FlowRLModule(L.LightningModule):
         """One generator per sample of this process's batch of ``n``, keyed by its index in the global batch."""
         return per_sample_generators(self.seed, n, *salt, first=self.global_rank * n)
 
-    # ------------------------------------------------------------------ one iteration
     def stores_uncond_velocity(self, guidance_scale: float) -> bool:
-        """Whether a rollout keeps the unconditional CFG branch of its trained steps for training to reuse.
-
-        Exact only where training would recompute the very same thing: the branch runs without gradient
-        (``uncond_gradient: false``) on the rollout's latents, in the rollout's micro-batches, with the weights that
-        sampled (no callback swaps other weights in for sampling, no dropout makes the training pass differ, and
-        the update loop drops it at the first optimizer step)."""
-        policy = self.policy
-        swaps = self.callbacks_of(lambda cb: callable(getattr(cb, "sampling_context", None))
-                                  and getattr(cb, "off_policy", True))
-        return (self.recomputes_rollout_velocities and not policy.uncond_gradient and guidance_scale > 1.0
-                and policy.adapter.guidance_mode == "cfg" and not swaps and not policy.has_dropout)
+        """Whether a rollout keeps the unconditional CFG branch of its trained steps for training to reuse."""
+        return rollouts.keeps_uncond_branch(self, guidance_scale)
 
     def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
                 on_chunk: Callable[[slice, torch.Tensor], None] | None = None) -> Rollout:
-        """Samples of ``prompts`` for training. With ``same_initial_noise``, the members of a group (same
-        ``group_ids`` entry) start from the same noise (DanceGRPO's shared noise): the rewards within a
-        group then differ only through the stochastic (trained) steps."""
-        steps = self.step_selector.select(self.iteration)
-        gens = self._sample_generators(len(prompts), self.iteration)
-        latents = None
-        if self.same_initial_noise and group_ids is not None:
-            # one start per group, from a generator keyed by the group id (unique in the global batch)
-            ids = torch.as_tensor(group_ids).cpu().tolist()
-            starts = {gid: self.policy.prepare_latents(1, self.height, self.width,
-                                                       self._generator(self.iteration, "group", gid)) for gid in set(ids)}
-            latents = torch.cat([starts[gid] for gid in ids])
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with enter_sampling_contexts(self._trainer, self):
-                return self.sampler.sample(prompts, self.height, self.width, self.num_inference_steps,
-                                           self.guidance_scale, gens, steps,
-                                           "trajectory" if self.stores_trajectory else "final", latents, on_chunk,
-                                           store_means=self.stores_means,
-                                           store_uncond=self.stores_uncond_velocity(self.guidance_scale))
-        finally:
-            self.policy.train(was_training)
+        """Samples of ``prompts`` for training (:func:`flowrl.algorithms.rollouts.draw`)."""
+        return rollouts.draw(self, prompts, group_ids, on_chunk)
 
     def compute_advantages(self, scores_: RewardScores, group_ids: torch.Tensor,
                            keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,10 +256,9 @@ class FlowRLModule(L.LightningModule):
                 rollout = self.rollout(prompts, group_ids, on_chunk=scorer.submit)
                 scored = scorer.result()
         else:
-            rollout = self.rollout(prompts, group_ids)
-            with self.profile("reward"):
-                scored = self.reward_fn.score(rollout.images, prompts, group_ids)
+            rollout, scored = self.rollout(prompts, group_ids), None
         with self.profile("reward"):
+            scored = scored or self.reward_fn.score(rollout.images, prompts, group_ids)
             scored, keep = scores.accept_scores(self, scored, group_ids)
         if keep is None or keep.any():
             with self.profile("advantages"):
@@ -333,7 +270,6 @@ class FlowRLModule(L.LightningModule):
                 metrics.log_train(self, logs)
         self.iteration += 1  # (no update when every group was dropped)
 
-    # ------------------------------------------------------------------ validation
     def validation_sampling(self) -> dict[str, Any]:
         """Validation's sampling settings, ``eval`` where set, else the training values: ``num_inference_steps``,
         ``guidance_scale``, ``height``, ``width`` (also what ``flowrl sample`` uses for a run's checkpoint)."""
@@ -353,9 +289,8 @@ class FlowRLModule(L.LightningModule):
         return {"images": out.images, "prompts": list(prompts), "rewards": rewards}
 
     def on_validation_epoch_end(self):
-        """Logs ``val/reward`` and, for verifier rewards, per-category and overall accuracy (the mean
-        over categories, as GenEval). Also kept in ``last_validation_metrics``, including for the
-        sanity-check run before training (Lightning does not log that one)."""
+        """Logs ``val/reward`` and a verifier's per-category and overall accuracy; also kept in
+        ``last_validation_metrics`` (for the sanity-check run before training too, which Lightning does not log)."""
         several = self._trainer is not None and self.trainer.world_size > 1
         values = self.val_metrics.compute(
             (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if several else None)
@@ -363,13 +298,3 @@ class FlowRLModule(L.LightningModule):
             self.log(key, value, prog_bar=key.endswith("_overall"))
         self.last_validation_metrics = {k: float(v) for k, v in values.items()}
 
-
-def _plain(value):
-    """Config data for hyper-parameters: dataclasses as dicts, components as ``{class_path, init_args}``."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, (Dynamics, TrainSteps)):
-        return component_config(value)
-    return value

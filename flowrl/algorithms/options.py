@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 import torch
 
 from flowrl.errors import ConfigError
 from flowrl.validation import check_number, check_range_option
 
-__all__ = ["EvalConfig", "check_schedule", "check_shared_numbers", "component_config", "hw"]
+__all__ = ["EvalConfig", "check_schedule", "check_shared_numbers", "check_trainable_dynamics", "component_config", "hw",
+           "plain"]
 
 
 @dataclass
@@ -93,3 +94,29 @@ def component_config(obj) -> dict | None:
               if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
             "init_args": {p.name: getattr(obj, p.name) for p in params if hasattr(obj, p.name)}}
+
+
+def plain(value):
+    """Config data for hyper-parameters: dataclasses as dicts, components as ``{class_path, init_args}``."""
+    from flowrl.dynamics import Dynamics, TrainSteps
+
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, (Dynamics, TrainSteps)):
+        return component_config(value)
+    return value
+
+
+def check_trainable_dynamics(dynamics, needs_log_prob: bool, trainer_type: str) -> None:
+    """A coupled algorithm (``needs_log_prob``) needs stochastic dynamics with a noise level above 0."""
+    if needs_log_prob and not dynamics.is_stochastic:
+        raise ConfigError(
+            f"trainer_type {trainer_type!r} needs a tractable log-prob, which dynamics {dynamics.name!r} does not "
+            "give; use Flow-SDE, Dance-SDE or CPS, or a decoupled trainer (nft, awm) for ODE sampling")
+    if needs_log_prob and dynamics.noise_level <= 0:
+        raise ConfigError(
+            f"trainer_type {trainer_type!r} with dynamics {dynamics.name!r} at noise_level {dynamics.noise_level}: "
+            "every trained step then has std 0, a constant log-prob and a zero policy gradient (the run would "
+            "learn nothing); set noise_level > 0 (e.g. 0.7)")

@@ -13,11 +13,30 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flowrl.advantages import estimate_advantages
-from flowrl.rewards import RewardError, RewardScores
+from flowrl.errors import ConfigError
+from flowrl.rewards import RewardError, RewardScores, RewardSpec, WeightedReward
 
-__all__ = ["ON_REWARD_ERROR", "accept_scores", "advantages"]
+__all__ = ["ON_REWARD_ERROR", "accept_scores", "advantages", "reward_function"]
 
 ON_REWARD_ERROR = ("stop", "skip_group")
+
+
+def reward_function(rewards, on_reward_error: str, async_rewards: bool, rollout_batch_size: int | None):
+    """One :class:`WeightedReward` in every case (a plain callable is its one term: its checks guard every reward),
+    after the checks of the options that say how it is called."""
+    if on_reward_error not in ON_REWARD_ERROR:
+        raise ConfigError(f"model.on_reward_error must be one of {', '.join(ON_REWARD_ERROR)}; got {on_reward_error!r}")
+    if async_rewards and rollout_batch_size is not None:
+        raise ConfigError("async_rewards scores each micro-batch as it finishes sampling, and rollout_batch_size "
+                          "samples the whole batch step by step (no micro-batch finishes early); set one of "
+                          "them: rollout_batch_size: null or async_rewards: false")
+    reward_fn = rewards if isinstance(rewards, WeightedReward) else WeightedReward.from_specs(
+        [rewards] if callable(rewards) else rewards or [RewardSpec("jpeg_compressibility")])
+    groupwise = [k for k, r in reward_fn.rewards.items() if getattr(r, "groupwise", False)]
+    if async_rewards and groupwise:
+        raise ConfigError(f"async_rewards scores each micro-batch as it is sampled; the groupwise reward(s) "
+                          f"{groupwise} need whole groups: set async_rewards: false")
+    return reward_fn
 
 
 def _world_size(module) -> int:
