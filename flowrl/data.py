@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowrl.errors import ConfigError
+from flowrl.plugins import prompt_set
 
 PromptSource = str | list[str]
 
@@ -52,11 +53,8 @@ def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
 
 
 def _resolve_prompt_path(source: str) -> str:
-    if source.startswith("toy:"):
-        from flowrl.toy import TOY_DIR
-
-        return str(TOY_DIR / "prompts" / f"{source[4:]}.txt")
-    return os.path.expanduser(source)
+    """A prompt set a plugin registered (``toy:eval``, :mod:`flowrl.plugins`), else a path."""
+    return prompt_set(source) or os.path.expanduser(source)
 
 
 class PromptDataset(Dataset):

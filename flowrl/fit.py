@@ -228,13 +228,12 @@ def explain(message: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
+DEFAULT_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
 TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,  # flowrl's group sampler shards whole groups itself
     "log_every_n_steps": 1,
-    "logger": [
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-    ],
+    # under runs/lightning_logs, or under <default_root_dir>/logs where the config sets default_root_dir
+    "logger": [{"class_path": path, "init_args": {"save_dir": "runs"}} for path in DEFAULT_LOGGERS],
 }
 
 
@@ -249,8 +248,16 @@ class FlowRLCLI(LightningCLI):
         parser.link_arguments("model.init_args.group_size", "data.group_size")
 
     def before_instantiate_classes(self) -> None:
-        """An unset ``trainer.precision`` on a CPU run becomes what the CPU computes natively (:mod:`flowrl.precision`)."""
+        """An unset ``trainer.precision`` on a CPU run becomes what the CPU computes natively (:mod:`flowrl.precision`);
+        the default loggers write under ``trainer.default_root_dir`` (``<root>/logs/version_N``), so a config names its
+        run's folder once. Both are written into the run's saved config.yaml."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root, loggers = config.trainer.default_root_dir, config.trainer.logger
+        for logger in loggers if root and isinstance(loggers, list) else []:
+            args = getattr(logger, "init_args", None)
+            if (getattr(logger, "class_path", None) in DEFAULT_LOGGERS and args is not None
+                    and (args.save_dir, args.name) == ("runs", "lightning_logs")):
+                args.save_dir, args.name = root, "logs"
         chosen, why = resolve_precision(config.trainer.precision, config.trainer.accelerator)
         if why is not None:
             config.trainer.precision = chosen

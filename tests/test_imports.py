@@ -91,3 +91,20 @@ def test_callbacks_import_nothing_from_flowrl():
     leaks = {m: sorted(t for t in targets if t.startswith("flowrl")) for m, targets in graph.items()
              if m.startswith("callbacks")}
     assert not any(leaks.values()), leaks
+
+
+def test_the_core_never_imports_the_toy():
+    """The toy world registers its model alias, prompt sets and reward itself (a ``flowrl.plugins`` entry point)."""
+    graph = import_graph()
+    naming = {m: sorted(t for t in targets if t.startswith("flowrl.toy"))
+              for m, targets in graph.items() if not m.startswith("flowrl.toy")}
+    assert not any(naming.values()), naming
+
+
+def test_the_toy_plugin_is_found_through_its_entry_point():
+    from flowrl.data import load_prompts
+    from flowrl.plugins import model_alias
+    from flowrl.rewards import available_rewards
+
+    assert model_alias("flowrl:toy").endswith("checkpoint") and "shapes" in available_rewards()
+    assert len(load_prompts("toy:eval")) == 160 and model_alias("stabilityai/stable-diffusion-3.5-medium") is None

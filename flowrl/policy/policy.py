@@ -11,21 +11,18 @@ import torch
 from torch import nn
 
 from flowrl.errors import ConfigError
+from flowrl.plugins import model_alias, model_aliases
 from flowrl.policy.adapter import Conditioning, adapter_for
 from flowrl.policy.prompt_cache import PromptCache
 from flowrl.validation import check_number
 
 FINETUNE_TYPES = ("lora", "full")
-TOY_MODEL_ALIAS = "flowrl:toy"
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``flowrl:toy`` is the tiny model shipped in the package; anything else is a hub id or a path."""
-    if name_or_path == TOY_MODEL_ALIAS:
-        from flowrl.toy import TOY_CHECKPOINT
-
-        return str(TOY_CHECKPOINT)
-    return name_or_path
+    """A model alias a plugin registered (``flowrl:toy``, :mod:`flowrl.plugins`) becomes its folder; anything else
+    is a hub id or a path."""
+    return model_alias(name_or_path) or name_or_path
 
 
 def _is_local_path(name: str) -> bool:
@@ -91,7 +88,7 @@ class PolicyConfig:
             raise FileNotFoundError(
                 f"model path {path!r} does not exist; set policy.pretrained_model_name_or_path to a directory "
                 "written by save_pretrained, a hub id such as 'stabilityai/stable-diffusion-3.5-medium', "
-                f"or {TOY_MODEL_ALIAS!r} for the shipped toy model"
+                f"or a model alias ({', '.join(model_aliases()) or 'none installed'})"
             )
 
 

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from flowrl.errors import ConfigError
+from flowrl.plugins import load_plugins
 
 __all__ = ["available_rewards", "build_reward", "register_reward"]
 
 #: the modules whose import registers the built-in rewards
 BUILTIN_MODULES = ("flowrl.rewards.clip", "flowrl.rewards.hps", "flowrl.rewards.image_reward", "flowrl.rewards.jpeg",
-                   "flowrl.rewards.ocr", "flowrl.rewards.remote", "flowrl.rewards.video", "flowrl.toy.verifier")
+                   "flowrl.rewards.ocr", "flowrl.rewards.remote", "flowrl.rewards.video")
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
@@ -35,8 +36,10 @@ def register_reward(name: str) -> Callable:
 
 
 def _import_builtins() -> None:
+    """The built-in rewards, and those of the plugins (:mod:`flowrl.plugins`, e.g. the toy world's verifier)."""
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
+    load_plugins()
 
 
 def available_rewards() -> list[str]:

@@ -2,8 +2,17 @@
 
 from pathlib import Path
 
+from flowrl.plugins import register_model_alias, register_prompt_sets
+
 TOY_DIR = Path(__file__).resolve().parent
 TOY_CHECKPOINT = TOY_DIR / "checkpoint"
 TOY_TRAIN_PROMPTS = TOY_DIR / "prompts" / "train.txt"
 TOY_HELDOUT_PROMPTS = TOY_DIR / "prompts" / "heldout.txt"
 TOY_EVAL_PROMPTS = TOY_DIR / "prompts" / "eval.txt"
+
+# The toy registers its names itself (flowrl finds it through the flowrl.plugins entry point of setup.cfg):
+# the shipped model, its prompt sets (toy:train, toy:train_balanced, toy:heldout, toy:eval), and the verifier
+# reward (``shapes``, registered when flowrl.toy.verifier is imported).
+register_model_alias("flowrl:toy", lambda: str(TOY_CHECKPOINT))
+register_prompt_sets("toy", lambda name: str(TOY_DIR / "prompts" / f"{name}.txt"))
+from flowrl.toy import verifier  # noqa: E402,F401  (registers the shapes reward)

@@ -13,8 +13,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flowrl.policy.tiny.text import build_t5_tokenizer
-from flowrl.toy.pipeline import BOS, DEFAULT_WORDS, EOS, build_word_tokenizer
+from flowrl.policy.tiny.text import BOS, DEFAULT_WORDS, EOS, build_t5_tokenizer, build_word_tokenizer
 
 #: FLUX.1's scheduler configuration (resolution-dependent shift between 256 and 4096 image tokens)
 FLUX_SCHEDULER_CONFIG = dict(

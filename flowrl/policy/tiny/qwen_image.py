@@ -31,7 +31,7 @@ from diffusers import (
 from tokenizers import pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from flowrl.toy.pipeline import DEFAULT_WORDS
+from flowrl.policy.tiny.text import DEFAULT_WORDS
 
 #: Qwen/Qwen-Image's scheduler configuration (scheduler/scheduler_config.json)
 QWEN_IMAGE_SCHEDULER_CONFIG = dict(

@@ -21,8 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from flowrl.policy.tiny.text import build_t5_tokenizer
-from flowrl.toy.pipeline import DEFAULT_WORDS
+from flowrl.policy.tiny.text import DEFAULT_WORDS, build_t5_tokenizer
 
 #: Wan2.1's flow shift at 480p (5.0 is its 720p value)
 WAN_FLOW_SHIFT = 3.0
