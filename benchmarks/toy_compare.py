@@ -286,7 +286,7 @@ def main_(argv=None) -> dict:
         return {}
     own_model = {m for m in args.methods if any("pretrained_model_name_or_path" in o for o in args.override.get(m, []))}
     if set(args.methods) - own_model and not (TOY_CHECKPOINT / "model_index.json").exists():
-        raise SystemExit(f"the toy checkpoint {TOY_CHECKPOINT} is missing; train it first (flowrl/toy/pretrain.py)")
+        raise SystemExit(f"the toy checkpoint {TOY_CHECKPOINT} is missing; train it first (scripts/pretrain_toy.py)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     previous = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}

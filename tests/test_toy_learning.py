@@ -115,7 +115,7 @@ def validation_weights(trainer, module):
 @pytest.mark.toy_learning
 @pytest.mark.parametrize("name", CONFIGS)
 def test_toy_config_raises_the_reward(name, tmp_path, monkeypatch):
-    assert (TOY_CHECKPOINT / "model_index.json").exists(), "the shipped toy model is missing: run flowrl.toy.pretrain"
+    assert (TOY_CHECKPOINT / "model_index.json").exists(), "the shipped toy model is missing: run scripts/pretrain_toy.py"
     monkeypatch.chdir(tmp_path)
     cli = main(short_run_args(name), run=False)
     key = sampler_key(cli.model)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from flowrl.toy import pretrain
+from flowrl.toy import TOY_CHECKPOINT
 
-SHIPPED = Path(pretrain.__file__).resolve().parent / "checkpoint"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import pretrain_toy as pretrain  # noqa: E402  (scripts/pretrain_toy.py: the toy's pretraining script)
+
+SHIPPED = TOY_CHECKPOINT
 
 
 def _load(path) -> StableDiffusion3Pipeline:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flowrl.rewards import build_reward
+from flowrl.toy import render as R
 from flowrl.toy import shapes as S
 from flowrl.toy.verifier import ShapesReward, Verdict, detect, verify, verify_batch
 
@@ -14,7 +15,7 @@ from flowrl.toy.verifier import ShapesReward, Verdict, detect, verify, verify_ba
 def _renders(n, size, seed):
     rng = np.random.default_rng(seed)
     scenes = [S.sample_scene(rng) for _ in range(n)]
-    return scenes, np.stack([S.render(s, size, rng) for s in scenes])
+    return scenes, np.stack([R.render(s, size, rng) for s in scenes])
 
 
 def _blur(imgs):
@@ -59,7 +60,7 @@ def test_equivalent_prompts_accepted():
     rng = np.random.default_rng(0)
     for a, b in pairs:
         for _ in range(20):
-            img = S.render(S.parse_prompt(a), 32, rng)
+            img = R.render(S.parse_prompt(a), 32, rng)
             assert verify(img, a).correct and verify(img, b).correct, (a, b)
 
 
@@ -93,12 +94,12 @@ def _image_with(objs, size=32):
     img = np.zeros((size, size, 3), np.uint8)
     img[:] = S.BACKGROUND
     for shape, color, y, x, d in objs:
-        img[y : y + d, x : x + d][S.shape_mask(shape, d)] = S.COLORS[color]
+        img[y : y + d, x : x + d][R.shape_mask(shape, d)] = S.COLORS[color]
     return img
 
 
 def test_graded_counting():
-    two = S.render(S.parse_prompt("two red circles"), 32, np.random.default_rng(0))
+    two = R.render(S.parse_prompt("two red circles"), 32, np.random.default_rng(0))
     assert verify(two, "two red circles").correct
     v3 = verify(two, "three red circles")
     v4 = verify(two, "four red circles")
@@ -171,14 +172,14 @@ def test_shapes_read_by_template_overlap():
 
     for shape in S.SHAPES:
         for d in range(6, 13):
-            assert shape_of(S.shape_mask(shape, d)) == shape, (shape, d)
-    circle = S.shape_mask("circle", 9).copy()
+            assert shape_of(R.shape_mask(shape, d)) == shape, (shape, d)
+    circle = R.shape_mask("circle", 9).copy()
     circle[7:, 3:6] = True  # bottom-heavy by a few pixels: the old centre-of-mass rule said "no shape"
     assert shape_of(circle) == "circle"
-    square = S.shape_mask("square", 10).copy()
+    square = R.shape_mask("square", 10).copy()
     square[0, 0] = square[9, 9] = square[0, 9] = False  # three corners nicked
     assert shape_of(square) == "square"
-    triangle = S.shape_mask("triangle", 10).copy()
+    triangle = R.shape_mask("triangle", 10).copy()
     triangle[9, 0] = False
     assert shape_of(triangle) == "triangle"
     assert shape_of(np.ones((5, 12), bool)) is None  # a rectangle is no square

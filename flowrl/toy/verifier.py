@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from flowrl.rewards.registry import register_reward
-from flowrl.toy.shapes import CATEGORIES, COLORS, SHAPES, Scene, in_shape, parse_prompt
+from flowrl.toy.render import in_shape
+from flowrl.toy.shapes import CATEGORIES, COLORS, SHAPES, Scene, parse_prompt
 
 _NAMES = tuple(COLORS)
 _COLS = np.array(list(COLORS.values()), np.float32)  # (6, 3)

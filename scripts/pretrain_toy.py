@@ -1,8 +1,9 @@
 """Pretrain the toy world's tiny text-to-image model by flow matching.
 
-This script produces the checkpoint shipped in ``flowrl/toy/checkpoint``::
+This script produces the checkpoint shipped in ``flowrl/toy/checkpoint`` (until 2026-12 it was the module
+``flowrl.toy.pretrain``, the name the commands recorded in ``benchmarks/toy_pretrain*.json`` use)::
 
-    python -m flowrl.toy.pretrain --out flowrl/toy/checkpoint --seed 0 --eval
+    python scripts/pretrain_toy.py --out flowrl/toy/checkpoint --seed 0 --eval
 
 Two stages, both on images rendered on the fly from the *train* prompts of
 :func:`flowrl.toy.shapes.split_prompts` (the held-out prompts are never seen):
@@ -52,12 +53,12 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from transformers import CLIPTokenizer
 
-from flowrl.toy import shapes
+from flowrl.toy import render, shapes
 from flowrl.toy.pipeline import BOS, EOS, build_tiny_sd3_pipeline
 from flowrl.toy.verifier import ShapesReward
 
 TIME_SAMPLINGS = ("logit_normal", "uniform", "shifted_uniform")
-DEFAULT_BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "toy_pretrain.json"
+DEFAULT_BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_pretrain.json"
 
 
 @dataclass
@@ -85,7 +86,7 @@ class PretrainConfig:
     logit_std: float = 1.0
     ema_decay: float = 0.999
     # the data: object sides at 32 px (the verifier reads any of them; fewer, bigger sizes are easier to draw)
-    object_sizes: tuple[int, int] = shapes.DEFAULT_OBJECT_SIZES
+    object_sizes: tuple[int, int] = render.DEFAULT_OBJECT_SIZES
     bf16: bool = True  # bf16 autocast: about 1.2x more steps in the same time on a CPU
     # architecture (passed to build_tiny_sd3_pipeline)
     architecture: dict = field(
@@ -106,14 +107,14 @@ class PretrainConfig:
     )
 
     def __post_init__(self):
-        self.object_sizes = shapes.check_object_sizes(self.object_sizes)  # bad sizes fail before any work
+        self.object_sizes = render.check_object_sizes(self.object_sizes)  # bad sizes fail before any work
 
 
 # --------------------------------------------------------------------------------------------- data
 class SceneSampler:
     """Renders (image, prompt) batches from a fixed prompt list: a uniform category, then a uniform prompt.
 
-    ``object_sizes``: the range of object sides at 32 px (see :func:`flowrl.toy.shapes.object_size_range`).
+    ``object_sizes``: the range of object sides at 32 px (see :func:`flowrl.toy.render.object_size_range`).
     """
 
     def __init__(
@@ -122,13 +123,13 @@ class SceneSampler:
         self.prompts = tuple(prompts)
         self.rng = np.random.default_rng(seed)
         self.size = size
-        self.object_sizes = shapes.check_object_sizes(object_sizes)
+        self.object_sizes = render.check_object_sizes(object_sizes)
 
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
         images, prompts = [], []
         for _ in range(batch_size):
             scene = shapes.sample_scene(self.rng, prompts=self.prompts)
-            images.append(shapes.render(scene, size=self.size, rng=self.rng, object_sizes=self.object_sizes))
+            images.append(render.render(scene, size=self.size, rng=self.rng, object_sizes=self.object_sizes))
             prompts.append(shapes.prompt_of(scene))
         pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
         return pixels, prompts
@@ -480,7 +481,7 @@ def _architecture(text: str) -> dict:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     d = PretrainConfig()
-    p = argparse.ArgumentParser(prog="python -m flowrl.toy.pretrain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python scripts/pretrain_toy.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory to write the pipeline to (save_pretrained layout)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps, help="flow-matching steps")
@@ -530,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     # every PretrainConfig field that has a command-line option takes its value from there
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)})
-    result: dict = {"command": " ".join(["python -m flowrl.toy.pretrain", *argv])}
+    result: dict = {"command": " ".join(["python scripts/pretrain_toy.py", *argv])}
     if args.eval_only:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.out, text_encoder_3=None, tokenizer_3=None)
         saved = Path(args.out) / "pretrain_config.json"
