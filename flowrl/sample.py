@@ -11,9 +11,15 @@ every case, so what is shown is what users of the trained model will get:
   parameters (``--ema``: the EMA average) in the policy's pipeline; the run's validation settings and rewards are
   the defaults.
 
+With ``--dynamics`` (``ODE``, ``Flow-SDE``, ``Dance-SDE``, ``CPS``, or a class's import path) the images are drawn
+by flowrl's :class:`~flowrl.rollout.RolloutSampler` instead, the sampler of training and validation, over the same
+pipeline: ``--sde_steps`` (default: every step but the last) take that dynamics at ``--noise_level``, the other
+steps the ODE; ``--dynamics ODE`` gives the stock call's images.
+
 Each image ``i`` starts from the noise of seed ``seed + i``, so a grid does not depend on ``--batch_size``::
 
     flowrl sample --model flowrl:toy --lora exported/ --prompt "a red circle" --num_per_prompt 4 --out samples/
+    flowrl sample --model flowrl:toy --prompt "a red circle" --dynamics CPS --noise_level 0.5 --out samples/
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from callbacks.plots import save_grid
 from flowrl.errors import ConfigError
 from flowrl.policy.adapter import conditioning_kwargs
 
-__all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "sample_main"]
+__all__ = ["conditioning_kwargs", "load_sampling_pipeline", "sample_images", "sample_main", "sample_with_dynamics"]
 
 GRID = "grid.png"
 SCORES = "scores.json"
@@ -93,6 +99,58 @@ def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def sample_with_dynamics(policy, prompts: Sequence[str], dynamics, *, num_inference_steps: int, guidance_scale: float,
+                         height: int, width: int, sde_steps: Sequence[int] | None = None, seed: int = 0,
+                         batch_size: int = 8) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` in [0, 1] drawn by a :class:`~flowrl.rollout.RolloutSampler` over ``policy``:
+    ``sde_steps`` (None: every step but the last) with ``dynamics``, the other steps with the ODE. Image ``i`` starts
+    from (and draws its step noise from) ``torch.Generator().manual_seed(seed + i)``."""
+    from flowrl.dynamics import TrainSteps
+    from flowrl.rollout import RolloutSampler
+
+    steps = TrainSteps(list(sde_steps) if sde_steps else None).bind(num_inference_steps, seed).select(0)
+    steps = steps if dynamics.is_stochastic else []
+    sampler = RolloutSampler(policy, dynamics)
+    out = []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start:start + batch_size])
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+            images = sampler.sample(batch, height, width, num_inference_steps, guidance_scale, generators,
+                                    train_steps=steps).images.float().cpu()
+            out.append((images[:, :, 0] if images.ndim == 5 else images).clamp(0, 1))
+    finally:
+        policy.train(was_training)
+    return torch.cat(out)
+
+
+def _dynamics(args):
+    """``--dynamics`` (a seed name or an import path) at ``--noise_level``."""
+    if args.dynamics is None:
+        if args.noise_level is not None or args.sde_steps:
+            raise ConfigError("flowrl sample: --noise_level and --sde_steps shape the --dynamics; give --dynamics too")
+        return None
+    from flowrl.fit import DYNAMICS_TYPES
+    from flowrl.imports import import_class_path
+
+    cls = import_class_path(DYNAMICS_TYPES.get(args.dynamics, args.dynamics))
+    if args.noise_level is None:
+        return cls()
+    if not cls().is_stochastic:
+        raise ConfigError(f"flowrl sample: --noise_level does nothing for --dynamics {args.dynamics}")
+    return cls(noise_level=args.noise_level)
+
+
+def _pipeline_default(pipeline, name: str):
+    import inspect
+
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get(name)
+    return None if parameter is None else parameter.default
+
+
 def _reward(entries: Sequence[str]):
     """``--reward`` values (a registered name, or a YAML/JSON mapping such as ``{name: pickscore, args: {...}}``)."""
     from flowrl.rewards import WeightedReward
@@ -145,6 +203,11 @@ def sample_main(argv: Sequence[str]) -> dict:
     what.add_argument("--resolution", type=int, nargs="+", help="H or H W (default: the run's or the pipeline's)")
     what.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i (default 0)")
     what.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (default 8)")
+    what.add_argument("--dynamics", help="draw with flowrl's sampler and this dynamics: ODE, Flow-SDE, Dance-SDE, CPS "
+                      "or an import path (default: the stock pipeline's own call)")
+    what.add_argument("--noise_level", type=float, help="the --dynamics' noise level (default: its own)")
+    what.add_argument("--sde_steps", type=int, nargs="+", help="the steps that take the --dynamics (default: every "
+                      "step but the last); the others take the ODE")
     what.add_argument("--reward", action="append", help="score with this reward: a name, or a mapping "
                       "'{name: pickscore, args: {...}}' (repeatable; default: the checkpoint run's rewards)")
     parser.add_argument("--out", required=True, help="directory for grid.png, scores.json and images/")
@@ -162,6 +225,7 @@ def sample_main(argv: Sequence[str]) -> dict:
         parser.error("--ema needs --ckpt_path")
     prompts = _prompts(args)
     reward = _reward(args.reward) if args.reward else None  # before any model loads: a bad reward fails fast
+    dynamics = _dynamics(args)
 
     steps, guidance, (height, width) = args.num_inference_steps, args.guidance_scale, (None, None)
     if args.resolution:
@@ -170,12 +234,12 @@ def sample_main(argv: Sequence[str]) -> dict:
         from flowrl.export import load_checkpoint_module
 
         module, _ = load_checkpoint_module(args.ckpt_path, args.config, ema=args.ema)
-        pipeline, run_sampling = module.policy.pipeline, module.validation_sampling()
+        pipeline, run_sampling, policy = module.policy.pipeline, module.validation_sampling(), module.policy
         reward, adapter = reward or module.reward_fn, module.policy.adapter
     else:
         if args.config:
             parser.error("--config belongs to --ckpt_path")
-        pipeline, adapter = load_sampling_pipeline(args.model, args.lora), None
+        pipeline, adapter, policy = load_sampling_pipeline(args.model, args.lora), None, None
         export = args.lora or (args.model if args.model and os.path.isdir(args.model) else None)
         run_sampling = (_export_info(export) if export else {}).get("sampling") or {}
     # Not given: the run's validation sampling (a checkpoint, or an export that records it), else the pipeline's.
@@ -185,9 +249,21 @@ def sample_main(argv: Sequence[str]) -> dict:
         height, width = run_sampling.get("height"), run_sampling.get("width")
 
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
-    images = sample_images(pipeline, expanded, num_inference_steps=steps, guidance_scale=guidance, height=height,
-                           width=width, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
-                           adapter=adapter)
+    if dynamics is None:
+        images = sample_images(pipeline, expanded, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                               width=width, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+                               adapter=adapter)
+    else:  # flowrl's sampler: the settings the stock call would take where neither the run nor a flag gives them
+        from flowrl.policy import FlowMatchingPolicy
+
+        policy = policy or FlowMatchingPolicy(pipeline, finetune_type="full")
+        steps = steps or _pipeline_default(pipeline, "num_inference_steps")
+        guidance = guidance if guidance is not None else (_pipeline_default(pipeline, "guidance_scale") or 1.0)
+        if height is None:
+            height = width = pipeline.default_sample_size * pipeline.vae_scale_factor
+        images = sample_with_dynamics(policy, expanded, dynamics, num_inference_steps=steps, guidance_scale=guidance,
+                                      height=height, width=width, sde_steps=args.sde_steps, seed=args.seed,
+                                      batch_size=args.batch_size)
     records = [{"index": i, "prompt": p, "seed": args.seed + i} for i, p in enumerate(expanded)]
     scores = None
     if reward is not None:
@@ -208,7 +284,8 @@ def sample_main(argv: Sequence[str]) -> dict:
     save_grid(images, os.path.join(args.out, GRID), args.num_per_prompt, row_labels=expanded[::args.num_per_prompt],
               captions=[f"{float(v):.3f}" for v in scores] if scores is not None else None)
     summary = {"source": {"model": args.model, "lora": args.lora, "ckpt_path": args.ckpt_path, "ema": args.ema},
-               "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+               "dynamics": repr(dynamics) if dynamics is not None else "the pipeline's own call",
+               "sde_steps": args.sde_steps, "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
                "mean_reward": float(scores.mean()) if scores is not None else None, "images": records}
     with open(os.path.join(args.out, SCORES), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)

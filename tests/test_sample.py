@@ -1,5 +1,5 @@
 """``flowrl sample``: a grid, the images and their scores from a base model, a checkpoint or an exported LoRA,
-all through the stock pipeline's own ``__call__``."""
+through the stock pipeline's own ``__call__``, or through flowrl's RolloutSampler with any dynamics."""
 
 import json
 import os
@@ -76,6 +76,35 @@ def test_exported_lora_in_a_stock_pipeline_samples_what_the_checkpoint_samples(p
     (["--lora", "missing-dir", "--prompt", "x"], "is not a directory"),
     (["--model", "flowrl:toy", "--prompt", "x", "--num_per_prompt", "0"], "must be >= 1"),
 ], ids=["no-prompts", "ema", "reward", "no-model", "lora-dir", "count"])
+def test_the_rollout_sampler_with_the_ode_draws_the_stock_pipelines_images(tmp_path):
+    main(["sample", "--model", "flowrl:toy", *FAST, "--out", str(tmp_path / "stock")])
+    summary = main(["sample", "--model", "flowrl:toy", *FAST, "--dynamics", "ODE", "--out", str(tmp_path / "ode")])
+    assert summary["dynamics"].startswith("ODE") and summary["height"] == 32
+    assert (images_of(str(tmp_path / "stock")) - images_of(str(tmp_path / "ode"))).abs().max() <= 1
+
+
+def test_any_dynamics_draws_through_the_rollout_sampler(tmp_path):
+    ode = main(["sample", "--model", "flowrl:toy", *FAST, "--dynamics", "ODE", "--out", str(tmp_path / "ode")])
+    args = ["sample", "--model", "flowrl:toy", *FAST, "--dynamics", "CPS", "--noise_level", "0.5", "--sde_steps", "0",
+            "1"]
+    cps = main([*args, "--out", str(tmp_path / "cps")])
+    again = main([*args, "--batch_size", "1", "--out", str(tmp_path / "again")])
+    assert cps["dynamics"] == "CPS(noise_level=0.5)" and cps["sde_steps"] == [0, 1] and ode["sde_steps"] is None
+    assert not torch.equal(images_of(str(tmp_path / "cps")), images_of(str(tmp_path / "ode")))  # the SDE explores
+    assert torch.equal(images_of(str(tmp_path / "cps")), images_of(str(tmp_path / "again")))  # seeded per image
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--noise_level", "0.5"], "give --dynamics too"),
+    (["--dynamics", "ODE", "--noise_level", "0.5"], "--noise_level does nothing for --dynamics ODE"),
+    (["--dynamics", "flowrl.dynamics.Nope"], "has no 'Nope'"),
+], ids=["noise-without-dynamics", "noise-for-ode", "unknown-dynamics"])
+def test_dynamics_options_are_checked_before_any_model_loads(args, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        main(["sample", "--model", "flowrl:toy", "--prompt", "x", *args, "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_bad_input_is_one_error_line(args, match, tmp_path, capsys):
     with pytest.raises(ConfigError, match=match):
         main(["sample", *args, "--out", str(tmp_path / "x")])
