@@ -14,12 +14,12 @@ picks for the CPU, the same for every method (recorded).
 Writes ``--out`` (JSON: per method and seed, held-out accuracy per category and overall against training
 seconds, samples and iterations; per method the mean and spread over seeds and the time to ``--target``)
 and the same name with ``.png`` (overall and per-category accuracy against wall time and samples; mean
-over seeds, the band is min..max), and prints the README's table. A run already in ``--out`` with the same
+over seeds, the band is min..max), and prints the table of docs/status.md. A run already in ``--out`` with the same
 budget is kept (``--fresh`` reruns it): an interrupted comparison resumes.
 
     python benchmarks/toy_compare.py                          # all configs, seeds 0 1, 3 minutes each
     python benchmarks/toy_compare.py --methods nft grpo --minutes 1 --points 1 --seeds 0   # a smoke run
-    python benchmarks/toy_compare.py --table                  # the README table from the JSON
+    python benchmarks/toy_compare.py --table                  # the table of docs/status.md from the JSON
 
 Not a test: timings depend on the machine and on whatever else runs on it; run it on an idle machine,
 one method at a time (concurrent CPU jobs make torch several times slower).
@@ -197,7 +197,7 @@ def summarize(runs: list[dict], target: float) -> dict:
 
 
 def table(results: dict) -> str:
-    """The README's markdown table: one row per method, mean over seeds (min..max)."""
+    """docs/status.md's markdown table: one row per method, mean over seeds (min..max)."""
     target = results["target"]
     head = ("| method | held-out accuracy after (mean, min..max) | gain | " + " | ".join(CATEGORIES)
             + f" | minutes to {target:.2f} | s / iteration | samples |")

@@ -26,7 +26,7 @@ def test_registered_and_stores_means():
 
 @pytest.mark.parametrize("dynamics_type", ["Dance-SDE", "CPS", "ODE"])
 def test_only_flow_sde(tiny_sd3_path, dynamics_type):
-    with pytest.raises(ValueError, match="dynamics_type: Flow-SDE"):
+    with pytest.raises(ValueError, match="dynamics: flowrl.dynamics.FlowSDE"):
         make_guard(tiny_sd3_path, dynamics_type=dynamics_type)
 
 

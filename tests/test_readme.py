@@ -1,7 +1,9 @@
-"""The README is run, not just read: every code block executes, every test it names exists, the migration table
-matches the code, the pictures it shows are in the repo."""
+"""The README and the documents under docs/ are run, not just read: every code block executes, every test they name
+exists, every file and picture they link is in the repo, the migration table matches the code, and the README stays
+a user's document of at most 200 lines."""
 
 import ast
+import glob
 import inspect
 import os
 import re
@@ -14,9 +16,24 @@ from test_cli import tiny_overrides
 from flowrl.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-BLOCKS = [(lang, code) for lang, code in re.findall(r"^ *```(\w+)\n(.*?)^ *```", README, re.S | re.M)]
 SETUP = "bash scripts/setup.sh && "
+#: generated from the classes (``python -m flowrl.config_reference``): no code blocks of its own to run
+GENERATED = {os.path.join("docs", "configuration.md")}
+#: every user document, by its path relative to the repository root: the README first, then docs/ (any depth)
+DOCUMENTS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
+                                   for path in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+TEXT = {doc: open(os.path.join(ROOT, doc), encoding="utf-8").read() for doc in DOCUMENTS}
+README = TEXT["README.md"]
+MIGRATION = os.path.join("docs", "migration.md")
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """``(language, code)`` of each fenced block of a markdown text."""
+    return re.findall(r"^ *```(\w+)\n(.*?)^ *```", text, re.S | re.M)
+
+
+#: the documents whose code blocks run, and their blocks
+BLOCKS = {doc: code_blocks(TEXT[doc]) for doc in DOCUMENTS if doc not in GENERATED}
 
 
 def dedent(code: str) -> str:
@@ -26,13 +43,39 @@ def dedent(code: str) -> str:
     return "\n".join(line[indent:] for line in lines) + "\n"
 
 
-def blocks(lang: str) -> list[str]:
-    return [dedent(code) for kind, code in BLOCKS if kind == lang]
+def blocks(lang: str, doc: str = "README.md") -> list[str]:
+    """The blocks of language ``lang`` in one document."""
+    return [dedent(code) for kind, code in BLOCKS[doc] if kind == lang]
 
 
-def test_the_readme_has_its_code_blocks():
-    assert {kind for kind, _ in BLOCKS} <= {"bash", "python", "yaml"}, "a block of a language this test cannot run"
-    assert len(blocks("bash")) >= 3 and len(blocks("python")) >= 3 and blocks("yaml")
+def every_block(lang: str) -> list[tuple[str, int, str]]:
+    """``(document, index, code)`` of every block of language ``lang`` in every document."""
+    return [(doc, index, code) for doc in BLOCKS for index, code in enumerate(blocks(lang, doc))]
+
+
+def block_id(block) -> str:
+    return f"{block[0]}-{block[1]}"
+
+
+def test_the_readme_is_at_most_200_lines():
+    """A user's document: reference material lives under docs/ and the README links it."""
+    lines = README.splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move reference material into docs/"
+    assert README.count("\n") <= 200  # what wc -l counts
+
+
+def test_the_readme_links_every_document():
+    linked = {os.path.normpath(link) for link in re.findall(r"\]\(((?!http|#)[^)]+)\)", README)}
+    missing = [doc for doc in DOCUMENTS[1:] if os.path.normpath(doc) not in linked]
+    assert not missing, f"documents the README does not link: {missing}"
+    assert len(DOCUMENTS) > 1 and MIGRATION in DOCUMENTS
+
+
+def test_the_documents_have_their_code_blocks():
+    for doc, found in BLOCKS.items():
+        kinds = {kind for kind, _ in found}
+        assert kinds <= {"bash", "python", "yaml"}, f"{doc}: a block of a language this test cannot run: {kinds}"
+    assert len(blocks("bash")) >= 3 and len(blocks("python")) >= 4 and every_block("yaml")
 
 
 @pytest.fixture
@@ -45,29 +88,31 @@ def in_a_user_checkout(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_block_runs(index, in_a_user_checkout):
+@pytest.mark.parametrize("block", every_block("python"), ids=block_id)
+def test_python_block_runs(block, in_a_user_checkout):
     """Executed as a script of its own would be (``__name__ == "__main__"``); a reward it registers is
     unregistered afterwards."""
     from flowrl.rewards import registry
 
+    doc, index, code = block
     registry._import_builtins()
     registered = dict(registry._REGISTRY)
     try:
-        exec(compile(blocks("python")[index], f"README.md python block {index}", "exec"), {"__name__": "__main__"})
+        exec(compile(code, f"{doc} python block {index}", "exec"), {"__name__": "__main__"})
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(registered)
 
 
-@pytest.mark.parametrize("index", range(len(blocks("yaml"))))
-def test_yaml_block_is_a_valid_config_overlay(index, in_a_user_checkout):
-    """A README config fragment, added after the main job's config, builds the model it describes."""
+@pytest.mark.parametrize("block", every_block("yaml"), ids=block_id)
+def test_yaml_block_is_a_valid_config_overlay(block, in_a_user_checkout):
+    """A config fragment of a document, added after the main job's config, builds the model it describes."""
+    _, _, code = block
     overlay = in_a_user_checkout / "overlay.yaml"
-    overlay.write_text(blocks("yaml")[index])
+    overlay.write_text(code)
     cli = main(["--config", "lightning_configs/toy/nft.yaml", "--config", str(overlay), "--trainer.logger=false"],
                run=False)
-    for key, value in yaml.safe_load(blocks("yaml")[index])["model"].items():
+    for key, value in yaml.safe_load(code)["model"].items():
         if key == "advantage_aggregation":  # the seed's name of the registered estimator
             from flowrl.advantages import ADVANTAGE_ESTIMATORS
 
@@ -76,10 +121,11 @@ def test_yaml_block_is_a_valid_config_overlay(index, in_a_user_checkout):
             assert getattr(cli.model, key) == value
 
 
-def commands() -> list[list[str]]:
-    """The shell commands of the README's bash blocks, one per line, with the set-up prefix removed."""
+def commands(doc: str = "README.md") -> list[str]:
+    """The shell commands of a document's bash blocks (the README's by default), one per line, with the set-up
+    prefix removed."""
     found = []
-    for block in blocks("bash"):
+    for block in blocks("bash", doc):
         for line in block.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -92,6 +138,17 @@ def test_the_suite_command_is_what_ci_runs():
     suite = [c for c in commands() if "pytest" in c]
     assert suite == [".venv/bin/python -m pytest"]
     assert SETUP + suite[0] in ci
+
+
+@pytest.mark.parametrize("doc", [doc for doc in BLOCKS if blocks("bash", doc)])
+def test_every_file_a_shell_command_names_exists(doc):
+    """The configs, examples and scripts a document's commands name are in the repo (the README's also run, in
+    order, below; what a command writes, under runs/, is not checked here)."""
+    named = [word for block in blocks("bash", doc) for word in re.split(r"[\s=]+", block)
+             if re.match(r"(lightning_configs|examples|scripts|benchmarks)/\S+\.\w+$", word)]
+    assert not [path for path in named if not os.path.isfile(os.path.join(ROOT, path))]
+    if doc == "README.md":
+        assert "lightning_configs/toy/nft.yaml" in named and "scripts/setup.sh" in named
 
 
 def test_the_flowrl_commands_run_in_order(in_a_user_checkout, prompt_file, capsys):
@@ -115,30 +172,35 @@ def test_the_flowrl_commands_run_in_order(in_a_user_checkout, prompt_file, capsy
     assert (in_a_user_checkout / "runs" / "toy-nft" / "logs" / "version_0" / "curves.png").is_file()
 
 
-def test_every_test_the_readme_names_exists():
-    named = set(re.findall(r"(test_\w+\.py)(?:::(\w+))?", README))
-    assert len(named) > 40
+def test_every_test_the_documents_name_exists():
+    named = {(doc, path, function) for doc in DOCUMENTS
+             for path, function in re.findall(r"(test_\w+\.py)(?:::(\w+))?", TEXT[doc])}
+    assert len({(path, function) for _, path, function in named}) > 40
     missing = []
-    for path, function in named:
+    for doc, path, function in named:
         full = os.path.join(ROOT, "tests", path)
         if not os.path.isfile(full):
-            missing.append(path)
+            missing.append(f"{doc}: {path}")
         elif function:
             tree = ast.parse(open(full, encoding="utf-8").read())
             if function not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}:
-                missing.append(f"{path}::{function}")
-    assert not missing, f"the README names tests that do not exist: {sorted(missing)}"
+                missing.append(f"{doc}: {path}::{function}")
+    assert not missing, f"the documents name tests that do not exist: {sorted(missing)}"
 
 
-def test_every_picture_and_file_the_readme_links_exists():
-    links = re.findall(r"\]\(((?!http|#)[^)]+)\)", README)
-    assert links
-    assert not [link for link in links if not os.path.exists(os.path.join(ROOT, link))]
+def test_every_picture_and_file_the_documents_link_exists():
+    """In the README and in every document under docs/, a link is relative to the document's own folder."""
+    links = {doc: re.findall(r"\]\(((?!http|#)[^)]+)\)", TEXT[doc]) for doc in DOCUMENTS}
+    assert links["README.md"] and links[MIGRATION]
+    broken = [f"{doc}: {link}" for doc, found in links.items() for link in found
+              if not os.path.exists(os.path.join(ROOT, os.path.dirname(doc), link))]
+    assert not broken, f"links to files that do not exist: {broken}"
 
 
 # -------------------------------------------------------------------------------------------- the migration table
 def migration_rows() -> list[tuple[str, str, str]]:
-    section = README.split("## Coming from Flow-Factory", 1)[1].split("\n## ", 1)[0]
+    """The rows of the option table of docs/migration.md."""
+    section = TEXT[MIGRATION].split("# Coming from Flow-Factory", 1)[1].split("\n## ", 1)[0]
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| `")]
     return [tuple(row) for row in rows]

@@ -7,7 +7,7 @@ validation, checkpoints or loggers. Before and after training, the weights that 
 use (the config's EMA when it swaps one in) sample the same prompts from the same starting noise with
 the deterministic eval sampler; the mean verifier score must rise by ``MARGIN``. The comparison is
 paired (same noise, same prompts), so it measures the change of the model, not sampling noise.
-The full-length curves of these configs side by side: ``benchmarks/toy_compare.py`` (the README's table).
+The full-length curves of these configs side by side: ``benchmarks/toy_compare.py`` (the table of docs/status.md).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def short_run_args(name: str, settings: dict | None = None) -> list[str]:
     ]
     scale = s["lr_scale"].get(name, s["lr_scale"]["default"])
     if scale != 1.0:
-        lr = parsed_config(os.path.join(ROOT, "lightning_configs", "toy", f"{name}.yaml"))["model"]["optimizer"][
+        lr = parsed_config(os.path.join(ROOT, "lightning_configs", "toy", f"{name}.yaml"))["model"]["init_args"]["optimizer"][
             "init_args"]["lr"]
         args.append(f"--model.optimizer.init_args.lr={float(lr) * scale}")
     return args
