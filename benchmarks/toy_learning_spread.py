@@ -1,4 +1,4 @@
-"""How much each toy config's short learning run (``tests/test_toy_learning.py``) varies between seeds.
+"""How much each toy config's short learning run (``tests/e2e/test_toy_learning.py``) varies between seeds.
 
 Runs the test's short run (its settings, imported from the test module) of every toy config for each of
 ``--seeds`` and records the paired eval-reward gain (after - before, same prompts and starting noise),

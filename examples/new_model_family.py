@@ -6,7 +6,7 @@ sampler's sigmas and the VAE. Write one subclass, decorate it with ``@register_a
 and import it before building the policy (in flowrl itself: one file in ``flowrl/policy/``). Everything else
 (LoRA, guidance, SDE sampling, the losses) is shared.
 
-The rule is to reproduce the stock pipeline's ``__call__`` exactly; tests/test_example_model_family.py shows
+The rule is to reproduce the stock pipeline's ``__call__`` exactly; tests/families/test_example_model_family.py shows
 that ODE sampling through flowrl gives the stock pipeline's latents bit for bit. What Z-Image does differently:
 
 * its transformer takes *lists* of per-sample tensors: latents ``(C, 1, H, W)`` and prompt embeddings of each

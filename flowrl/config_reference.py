@@ -2,7 +2,7 @@
 
 The types, defaults and descriptions are the ones ``flowrl fit --help`` prints: jsonargparse reads them from the
 signatures and the ``Args:`` sections of the docstrings, so the reference cannot drift from the code
-(``tests/test_readme.py`` checks that the committed file is what this prints). Only the Markdown layout is ours.
+(``tests/e2e/test_readme.py`` checks that the committed file is what this prints). Only the Markdown layout is ours.
 """
 
 from __future__ import annotations

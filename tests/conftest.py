@@ -1,8 +1,15 @@
 import os
+import sys
 import warnings
 
 import pytest
 import torch
+
+# The suite by layer: unit/ (pure functions, rewards, data), families/ (one adapter each), algorithms/, callbacks/,
+# e2e/ (the CLI, configs, examples, docs, DDP, resume). Helpers shared across layers (tests/tiny.py, and a few
+# test modules' fixtures such as test_cli.tiny_overrides) import from any of them.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, layer) for layer in ("unit", "families", "algorithms", "callbacks", "e2e")]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -22,7 +22,7 @@ from flowrl.policy.tiny.wan import build
 from flowrl.policy.wan import WanAdapter
 from flowrl.rewards import WeightedReward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FRAMES, LATENT_SHAPE = 5, (4, 2, 4, 4)  # 16 px, 5 frames -> 4 channels x 2 latent frames x 4 x 4
 TEXT = 32  # text tokens where the test is not about the stock pipeline's 512 (the tiny UMT5 is faster on 32)

@@ -1,6 +1,6 @@
 """Two CPU processes (DDP, gloo) train in step, finish cleanly, and stop together when one of them fails.
 
-Each case runs ``tests/ddp_run.py`` as a script (Lightning's ``ddp`` strategy starts the second process by running
+Each case runs ``tests/e2e/ddp_run.py`` as a script (Lightning's ``ddp`` strategy starts the second process by running
 the script again), on the toy GRPO config shrunk to two iterations."""
 
 import json
@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "ddp_run.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "e2e", "ddp_run.py")
 GRPO = os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml")
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
 
 
 def launch(out, *overrides, processes=2):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "e2e")]),
            "OMP_NUM_THREADS": "1"}  # one thread per process: the runs of this file go at once on two cores
     out.mkdir(parents=True)
     strategy = DDP if processes == 2 else ["--trainer.devices=1", "--trainer.accelerator=cpu"]

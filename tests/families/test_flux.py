@@ -20,7 +20,7 @@ from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.flux import FluxAdapter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPTS = ["a red circle"] * 2 + ["two blue squares"] * 2
 ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])

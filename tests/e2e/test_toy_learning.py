@@ -24,7 +24,7 @@ from callbacks import EMA, OffPolicySampling
 from flowrl.cli import main
 from flowrl.toy import TOY_CHECKPOINT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm"]
 
 # The short run: two single-object prompts the shipped model gets partly right (eval reward about 0.3: it often

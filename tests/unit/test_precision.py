@@ -11,7 +11,7 @@ from test_cli import _config_documents
 from flowrl import precision as P
 from flowrl.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "toy", "*.yaml")))
 
 

@@ -14,7 +14,7 @@ from test_cli import tiny_overrides
 from flowrl.cli import console_main, main
 from flowrl.export import EXPORT_INFO, build_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SD3_LORA_CONFIG = os.path.join(ROOT, "lightning_configs", "sd35", "grpo.yaml")
 TOY_CONFIG = os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml")  # flowrl:toy, finetune_type: full
 PROMPTS = ["a red circle", "two blue squares"]

@@ -1,7 +1,7 @@
-"""A ``flowrl fit`` of a toy config on 2 CPU processes (gloo), for tests/test_ddp.py (run as a script: Lightning's
+"""A ``flowrl fit`` of a toy config on 2 CPU processes (gloo), for tests/e2e/test_ddp.py (run as a script: Lightning's
 ``ddp`` strategy starts rank 1 by running this file again).
 
-    python tests/ddp_run.py OUT_DIR CONFIG [flowrl fit overrides ...]
+    python tests/e2e/ddp_run.py OUT_DIR CONFIG [flowrl fit overrides ...]
 
 Each rank writes ``OUT_DIR/rank<r>.json``: a checksum of the trained parameters, the per-step metrics and how many
 gradient all-reduce buckets the DDP communication hook saw.
@@ -14,8 +14,9 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # test_cli (its tiny_overrides)
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: tiny, conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 
 class FailOnRank1:

@@ -10,7 +10,7 @@ from test_export import TOY_CONFIG, train_and_export
 
 from flowrl.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 NFT_CONFIG = os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")
 
@@ -22,7 +22,7 @@ def examples_importable(monkeypatch):
 
 def test_every_example_has_a_test():
     tested = {"own_trainer.py", "ema_classifier.py", "my_reward.py", "my_reward.yaml", "generate_with_diffusers.py",
-              "new_algorithm.py", "new_algorithm.yaml", "new_model_family.py"}  # new_model_family.py: tests/test_example_model_family.py
+              "new_algorithm.py", "new_algorithm.yaml", "new_model_family.py"}  # new_model_family.py: tests/families/test_example_model_family.py
     files = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.*"))}
     assert files == tested, f"examples without a test: {sorted(files - tested)}"
 

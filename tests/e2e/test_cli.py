@@ -7,11 +7,11 @@ from flowrl.cli import console_main, main
 from flowrl.errors import ConfigError
 from flowrl.fit import expand_config_bases, translate_argv, translate_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
 #: overlays (a few lines added after a whole config with a second --config) and the config each is tested on
 OVERLAYS = {os.path.join(ROOT, "lightning_configs", "toy", "lora.yaml"): os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")}
-#: strategy presets for GPUs (tests/test_strategies.py parses them; no GPU here to run them)
+#: strategy presets for GPUs (tests/e2e/test_strategies.py parses them; no GPU here to run them)
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "strategies", "*.yaml")))
 #: the parts whole configs share, named by them with ``base:`` (never run alone)
 BASES = [os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")]

@@ -15,7 +15,7 @@ from test_cli import tiny_overrides
 
 from flowrl.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETUP = "bash scripts/setup.sh && "
 #: generated from the classes (``python -m flowrl.config_reference``): no code blocks of its own to run
 GENERATED = {os.path.join("docs", "configuration.md")}
@@ -177,8 +177,9 @@ def test_every_test_the_documents_name_exists():
              for path, function in re.findall(r"(test_\w+\.py)(?:::(\w+))?", TEXT[doc])}
     assert len({(path, function) for _, path, function in named}) > 40
     missing = []
+    files = {os.path.basename(p): p for p in glob.glob(os.path.join(ROOT, "tests", "**", "test_*.py"), recursive=True)}
     for doc, path, function in named:
-        full = os.path.join(ROOT, "tests", path)
+        full = files.get(path, os.path.join(ROOT, "tests", path))
         if not os.path.isfile(full):
             missing.append(f"{doc}: {path}")
         elif function:

@@ -12,7 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from flowrl.toy import TOY_CHECKPOINT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import pretrain_toy as pretrain  # noqa: E402  (scripts/pretrain_toy.py: the toy's pretraining script)
 
 SHIPPED = TOY_CHECKPOINT

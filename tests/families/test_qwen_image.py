@@ -23,7 +23,7 @@ from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.adapter import ModelAdapter
 from flowrl.policy.qwen_image import QwenImageAdapter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRPO_CONFIG = os.path.join(ROOT, "lightning_configs", "qwen_image", "grpo.yaml")
 TWO = ["a red circle", "two blue squares on top of a cat"]  # different text lengths: the masks matter
 PROMPTS = [TWO[0]] * 2 + [TWO[1]] * 2

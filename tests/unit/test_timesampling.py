@@ -191,7 +191,7 @@ def test_shipped_decoupled_configs_train_the_noisiest_six_steps(name):
 
     from flowrl.toy import TOY_CHECKPOINT
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     model = parsed_config(os.path.join(root, "lightning_configs", "toy", f"{name}.yaml"))["model"]["init_args"]
     shift = __import__("json").load(open(TOY_CHECKPOINT / "scheduler" / "scheduler_config.json"))["shift"]
     n = model["num_inference_steps"]

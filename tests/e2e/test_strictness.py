@@ -14,7 +14,7 @@ from flowrl.errors import ConfigError
 from flowrl.fit import COMPONENT_OPTIONS, options_of
 from flowrl.policy import PolicyConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = os.path.join(ROOT, "lightning_configs", "toy")
 
 

@@ -1,7 +1,7 @@
 """A short ``flowrl fit`` of a toy config that records every optimizer step's metrics and can kill itself with
-SIGKILL after a given step, for tests/test_resume.py (run as a script so that the kill takes the whole process).
+SIGKILL after a given step, for tests/e2e/test_resume.py (run as a script so that the kill takes the whole process).
 
-    python tests/resume_run.py OUT CONFIG [--kill-after K] [flowrl fit overrides ...]
+    python tests/e2e/resume_run.py OUT CONFIG [--kill-after K] [flowrl fit overrides ...]
 
 Appends one JSON line per optimizer step to ``OUT/steps.jsonl``; checkpoints (every step, ``last.ckpt``) go to
 ``OUT/checkpoints``.
@@ -13,8 +13,9 @@ import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # test_cli (its tiny_overrides)
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: tiny, conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 KEYS = ("train/reward_mean", "train/loss", "train/ratio_mean", "train/grad_norm", "train/iteration")
 

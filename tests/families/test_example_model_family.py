@@ -16,7 +16,7 @@ from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy
 from flowrl.rewards import RewardSpec
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 TWO = ["a red circle", "two blue squares on top of a cat"]  # different text lengths: the per-sample lists matter
 PROMPTS = [TWO[0]] * 2 + [TWO[1]] * 2
 ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -25,7 +25,7 @@ CFG = 4.0  # flowrl's scale: the stock pipeline's guidance_scale CFG - 1
 
 @pytest.fixture(scope="module")
 def example():
-    """The example module, imported as tests/test_examples.py imports examples (examples/ on sys.path). Importing it
+    """The example module, imported as tests/e2e/test_examples.py imports examples (examples/ on sys.path). Importing it
     registers ZImagePipeline; the registry is restored afterwards, so the other tests see the shipped families."""
     before = dict(adapter_module._ADAPTERS)
     with pytest.MonkeyPatch.context() as mp:

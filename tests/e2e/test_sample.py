@@ -68,14 +68,6 @@ def test_exported_lora_in_a_stock_pipeline_samples_what_the_checkpoint_samples(p
     assert (images_of("ckpt") - images_of("base")).abs().max() > 8
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--model", "flowrl:toy"], "give prompts"),
-    (["--model", "flowrl:toy", "--prompt", "x", "--ema"], "--ema needs --ckpt_path"),
-    (["--model", "flowrl:toy", "--prompt", "x", "--reward", "no_such_reward"], "unknown reward"),
-    (["--prompt", "x"], "give --model"),
-    (["--lora", "missing-dir", "--prompt", "x"], "is not a directory"),
-    (["--model", "flowrl:toy", "--prompt", "x", "--num_per_prompt", "0"], "must be >= 1"),
-], ids=["no-prompts", "ema", "reward", "no-model", "lora-dir", "count"])
 def test_the_rollout_sampler_with_the_ode_draws_the_stock_pipelines_images(tmp_path):
     main(["sample", "--model", "flowrl:toy", *FAST, "--out", str(tmp_path / "stock")])
     summary = main(["sample", "--model", "flowrl:toy", *FAST, "--dynamics", "ODE", "--out", str(tmp_path / "ode")])
@@ -88,7 +80,7 @@ def test_any_dynamics_draws_through_the_rollout_sampler(tmp_path):
     args = ["sample", "--model", "flowrl:toy", *FAST, "--dynamics", "CPS", "--noise_level", "0.5", "--sde_steps", "0",
             "1"]
     cps = main([*args, "--out", str(tmp_path / "cps")])
-    again = main([*args, "--batch_size", "1", "--out", str(tmp_path / "again")])
+    main([*args, "--batch_size", "1", "--out", str(tmp_path / "again")])
     assert cps["dynamics"] == "CPS(noise_level=0.5)" and cps["sde_steps"] == [0, 1] and ode["sde_steps"] is None
     assert not torch.equal(images_of(str(tmp_path / "cps")), images_of(str(tmp_path / "ode")))  # the SDE explores
     assert torch.equal(images_of(str(tmp_path / "cps")), images_of(str(tmp_path / "again")))  # seeded per image
@@ -105,6 +97,14 @@ def test_dynamics_options_are_checked_before_any_model_loads(args, match, tmp_pa
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--model", "flowrl:toy"], "give prompts"),
+    (["--model", "flowrl:toy", "--prompt", "x", "--ema"], "--ema needs --ckpt_path"),
+    (["--model", "flowrl:toy", "--prompt", "x", "--reward", "no_such_reward"], "unknown reward"),
+    (["--prompt", "x"], "give --model"),
+    (["--lora", "missing-dir", "--prompt", "x"], "is not a directory"),
+    (["--model", "flowrl:toy", "--prompt", "x", "--num_per_prompt", "0"], "must be >= 1"),
+], ids=["no-prompts", "ema", "reward", "no-model", "lora-dir", "count"])
 def test_bad_input_is_one_error_line(args, match, tmp_path, capsys):
     with pytest.raises(ConfigError, match=match):
         main(["sample", *args, "--out", str(tmp_path / "x")])

@@ -15,7 +15,7 @@ from flowrl.errors import ConfigError
 from flowrl.rewards import JpegCompressibility, RewardError
 from flowrl.rewards.remote import RemoteReward, decode_png, encode_png, server_healthy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FAILING = '''
 import torch

@@ -9,7 +9,7 @@ from flowrl.algorithms import GRPO
 from flowrl.cli import main
 from flowrl.policy import PolicyConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SD3_CONFIG = os.path.join(ROOT, "lightning_configs", "sd35", "grpo.yaml")
 
 

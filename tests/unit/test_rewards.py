@@ -108,7 +108,7 @@ def test_class_path_reward_from_a_config(outside_reward, tmp_path, monkeypatch):
     from flowrl.cli import main
 
     monkeypatch.chdir(tmp_path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cli = main(["--config", os.path.join(root, "lightning_configs", "toy", "nft.yaml"), "--trainer.logger=false",
                 f"--model.rewards=[{{name: shapes}}, {{class_path: {outside_reward}, init_args: {{scale: 3.0}}, "
                 "weight: 0.25, label: bright}]"], run=False)
