@@ -184,7 +184,7 @@ def test_every_test_the_documents_name_exists():
             missing.append(f"{doc}: {path}")
         elif function:
             tree = ast.parse(open(full, encoding="utf-8").read())
-            if function not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}:
+            if function not in {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}:
                 missing.append(f"{doc}: {path}::{function}")
     assert not missing, f"the documents name tests that do not exist: {sorted(missing)}"
 

@@ -5,17 +5,11 @@ import os
 
 import pytest
 import torch
+from contract import FamilyContract
 from diffusers import FluxPipeline
-from tiny import (
-    assert_on_policy_ratios_are_one,
-    assert_same_gradients,
-    checkpointing_gradients,
-    fit_one_iteration,
-    make_module,
-    randomize_lora,
-)
+from tiny import assert_on_policy_ratios_are_one, fit_one_iteration, make_module, randomize_lora
 
-from flowrl.algorithms import AWM, GRPO, NFT
+from flowrl.algorithms import GRPO, NFT
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.flux import FluxAdapter
@@ -96,43 +90,21 @@ def test_ode_sampling_equals_the_stock_pipeline(flux_path, variant):
         assert not torch.allclose(other.final, ours.final)
 
 
-# ---------------------------------------------------------------- (c) exact on-policy ratio
-@pytest.mark.parametrize("variant, frozen_dtype", [("dev", "float32"), ("schnell", "float32"), ("dev", "bfloat16")])
-def test_grpo_on_policy_ratio_is_exactly_one(flux_path, variant, frozen_dtype):
-    """Every rollout log-prob is recomputed bit for bit by the training pass, also with the real configs' bf16
-    frozen base (autocast) under float32 LoRA."""
-    path = flux_path(variant)
-    module = make_flux(GRPO, path, variant, policy=PolicyConfig(path, lora_rank=4, frozen_dtype=frozen_dtype),
-                       clip_range=1e-2, noise_level=0.7)
-    randomize_lora(module)
-    rollout = module.rollout(PROMPTS)
-    assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
-    assert rollout.latents.shape[2:] == (4, 8, 8) and rollout.images.shape == (4, 3, 16, 16)
-    assert_on_policy_ratios_are_one(module, rollout, ADV)
+# ---------------------------------------------------------------- (c-e) the families' contract, on FLUX.1-dev
+class TestFluxContract(FamilyContract):
+    family, guidance = "flux", GUIDANCE["dev"]
+
+    def check_checkpointing(self, path, finetune_type, off, on, calls):
+        assert calls == 2  # one joint and one single-stream block really ran checkpointed
 
 
-# ---------------------------------------------------------------- (d, e) training through Lightning
-@pytest.mark.parametrize(
-    "cls, kw",
-    [
-        (GRPO, dict(noise_level=0.7, train_batch_size=4)),
-        (NFT, dict(dynamics_type="ODE", num_train_timesteps=1, train_batch_size=4)),
-        (AWM, dict(dynamics_type="ODE", num_train_timesteps=1, train_batch_size=4)),
-    ],
-    ids=["grpo", "nft", "awm"],
-)
-def test_one_lora_optimizer_step(flux_path, prompt_file, cls, kw):
-    module = make_flux(cls, flux_path("dev"), **kw)
-    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
-    assert before and all("lora" in n for n in before)
-    trainer = fit_one_iteration(module, prompt_file)
-    assert trainer.global_step >= 1 and "train/loss" in trainer.logged_metrics
-    assert torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
-    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
-
-
-def test_full_finetuning_step_on_schnell(flux_path, prompt_file):
+def test_schnell_on_policy_ratio_is_exactly_one_and_full_finetuning_trains(flux_path, prompt_file):
+    """FLUX.1-schnell (no guidance input) keeps the contract's exact ratios; a full fine-tuning step moves its
+    whole transformer."""
     path = flux_path("schnell")
+    module = make_flux(GRPO, path, "schnell", policy=PolicyConfig(path, lora_rank=4), clip_range=1e-2, noise_level=0.7)
+    randomize_lora(module)
+    assert_on_policy_ratios_are_one(module, module.rollout(PROMPTS), ADV)
     module = make_flux(GRPO, path, "schnell", policy=PolicyConfig(path, finetune_type="full"), noise_level=0.7,
                        train_batch_size=4)
     params = dict(module.policy.named_trainable_parameters())
@@ -140,13 +112,6 @@ def test_full_finetuning_step_on_schnell(flux_path, prompt_file):
     before = {n: p.detach().clone() for n, p in params.items()}
     fit_one_iteration(module, prompt_file)
     assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
-
-
-@pytest.mark.parametrize("finetune_type", ["lora", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(flux_path, finetune_type):
-    off, on, calls = checkpointing_gradients(flux_path("dev"), finetune_type, 3.5)
-    assert calls == 2  # one joint and one single-stream block really ran checkpointed
-    assert_same_gradients(off, on)
 
 
 # ---------------------------------------------------------------- (f) bad input

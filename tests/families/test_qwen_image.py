@@ -6,18 +6,12 @@ import os
 
 import pytest
 import torch
+from contract import FamilyContract
 from diffusers import QwenImagePipeline
 from test_export import assert_export_round_trip
-from tiny import (
-    assert_on_policy_ratios_are_one,
-    assert_same_gradients,
-    checkpointing_gradients,
-    fit_one_iteration,
-    make_module,
-    randomize_lora,
-)
+from tiny import make_module
 
-from flowrl.algorithms import AWM, GRPO, NFT
+from flowrl.algorithms import GRPO
 from flowrl.errors import ConfigError
 from flowrl.policy import Conditioning, FlowMatchingPolicy, PolicyConfig
 from flowrl.policy.adapter import ModelAdapter
@@ -119,58 +113,18 @@ def test_ode_sampling_equals_the_stock_pipeline(qwen_path, monkeypatch):
     assert (policy.adapter.pack(plain.final) - stock).abs().max() > 1e-3
 
 
-# ---------------------------------------------------------------- exact on-policy ratio
-@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
-def test_grpo_on_policy_ratio_is_exactly_one(qwen_path, frozen_dtype):
-    """Every rollout log-prob is recomputed bit for bit by the training pass (CFG batch [negative, prompt] of
-    different text lengths), also with the real configs' bf16 frozen base under float32 LoRA."""
-    module = make_qwen(GRPO, qwen_path, policy=PolicyConfig(qwen_path, lora_rank=4, frozen_dtype=frozen_dtype),
-                       clip_range=1e-2, noise_level=1.2)
-    randomize_lora(module)
-    rollout = module.rollout(PROMPTS)
-    assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
-    assert rollout.latents.shape[2:] == (4, 8, 8) and rollout.images.shape == (4, 3, 16, 16)
-    assert_on_policy_ratios_are_one(module, rollout, ADV)
+# ---------------------------------------------------------------- the families' contract
+class TestQwenImageContract(FamilyContract):
+    """CFG batches [negative, prompt] of different text lengths; Flow-GRPO's Qwen-Image noise level 1.2."""
 
+    family, guidance, noise_level, prompts = "qwen_image", CFG, 1.2, PROMPTS
 
-# ---------------------------------------------------------------- training through Lightning
-@pytest.mark.parametrize(
-    "cls, kw",
-    [
-        (GRPO, dict(noise_level=1.2, train_batch_size=4)),
-        (NFT, dict(num_train_timesteps=1, train_batch_size=4)),
-        (AWM, dict(num_train_timesteps=1, train_batch_size=4)),
-    ],
-    ids=["grpo", "nft", "awm"],
-)
-def test_one_lora_optimizer_step(qwen_path, prompt_file, cls, kw):
-    module = make_qwen(cls, qwen_path, **kw)
-    before = {n: p.detach().clone() for n, p in module.policy.named_trainable_parameters()}
-    assert before and all("lora" in n for n in before)
-    trainer = fit_one_iteration(module, prompt_file)
-    assert trainer.global_step >= 1 and torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
-    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
-
-
-def test_full_finetuning_step(qwen_path, prompt_file):
-    module = make_qwen(GRPO, qwen_path, policy=PolicyConfig(qwen_path, finetune_type="full"), noise_level=1.2,
-                       train_batch_size=4)
-    params = dict(module.policy.named_trainable_parameters())
-    assert sum(p.numel() for p in params.values()) == sum(p.numel() for p in module.policy.transformer.parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
-    fit_one_iteration(module, prompt_file)
-    assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
-
-
-@pytest.mark.parametrize("finetune_type", ["lora", "full"])
-def test_gradient_checkpointing_gives_the_same_gradients(qwen_path, finetune_type):
-    off, on, calls = checkpointing_gradients(qwen_path, finetune_type, CFG, prompts=TWO)
-    assert calls == 1  # the one block really ran checkpointed
-    if finetune_type == "lora":  # the last block's text output is never read: only its text-out path has no grad
-        policy = FlowMatchingPolicy.from_pretrained(qwen_path, finetune_type="lora", lora_rank=2)
-        dead = {n for n, _ in policy.named_trainable_parameters()} - set(off)
-        assert dead and all(".txt_mlp." in n or ".attn.to_add_out." in n for n in dead), dead
-    assert_same_gradients(off, on)
+    def check_checkpointing(self, path, finetune_type, off, on, calls):
+        assert calls == 1  # the one block really ran checkpointed
+        if finetune_type == "lora":  # the last block's text output is never read: only its text-out path has no grad
+            policy = FlowMatchingPolicy.from_pretrained(path, finetune_type="lora", lora_rank=2)
+            dead = {n for n, _ in policy.named_trainable_parameters()} - set(off)
+            assert dead and all(".txt_mlp." in n or ".attn.to_add_out." in n for n in dead), dead
 
 
 # ---------------------------------------------------------------- export: stock diffusers loads what flowrl trained

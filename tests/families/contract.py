@@ -1,0 +1,99 @@
+"""The contract every model family keeps, as diffusers' ``PipelineTesterMixin`` does it: a family's test file
+declares ``class Test<Family>Contract(FamilyContract)`` with its tiny pipeline and settings (``family``,
+``guidance``, ...), and these tests run on it. A family's own file keeps only what is special to it (loading and
+conditioning, sampling equal to its stock pipeline, its bad inputs, its export round trip)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import (
+    assert_on_policy_ratios_are_one,
+    assert_same_gradients,
+    checkpointing_gradients,
+    fit_one_iteration,
+    make_module,
+    randomize_lora,
+)
+
+from flowrl.algorithms import AWM, GRPO, NFT
+from flowrl.policy import PolicyConfig
+
+PROMPTS = ["a red circle"] * 2 + ["two blue squares"] * 2
+ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+
+class FamilyContract:
+    #: the family's tiny pipeline (``flowrl.policy.tiny``)
+    family: str = ""
+    #: the guidance scale its rollouts use (true CFG, or a distilled guidance input)
+    guidance: float = 3.0
+    #: the Flow-SDE noise level of its GRPO runs
+    noise_level: float = 0.7
+    #: policy options it needs on the tiny pipeline (e.g. frames, text length)
+    policy_options: dict = {}
+    #: the images (or videos) a rollout of 16 px decodes to, per sample
+    image_shape: tuple = (3, 16, 16)
+    #: the prompts of the rollouts (two groups of two)
+    prompts: list[str] = PROMPTS
+
+    @pytest.fixture()
+    def path(self, tiny_pipeline_path):
+        return tiny_pipeline_path(self.family)
+
+    def rewards(self):
+        """The rewards of its runs (None: the tests' default, JPEG incompressibility)."""
+        return None
+
+    def make(self, cls, path, *, finetune_type="lora", frozen_dtype="float32", **kw):
+        policy = PolicyConfig(path, finetune_type=finetune_type, lora_rank=4, frozen_dtype=frozen_dtype,
+                              **self.policy_options)
+        rewards = self.rewards()
+        kw = {"guidance_scale": self.guidance, "policy": policy, **({"rewards": rewards} if rewards else {}), **kw}
+        return make_module(cls, path, **kw)
+
+    def check_rewarded(self, module) -> None:
+        """What a family checks of its rewards after an optimizer step (e.g. videos reach them whole)."""
+
+    def check_checkpointing(self, path, finetune_type, off, on, calls) -> None:
+        """What a family checks of gradient checkpointing beyond equal gradients."""
+
+    @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
+    def test_grpo_on_policy_ratio_is_exactly_one(self, path, frozen_dtype):
+        """Every rollout log-prob is recomputed bit for bit by the training pass, also with a bf16 frozen base."""
+        module = self.make(GRPO, path, frozen_dtype=frozen_dtype, clip_range=1e-2, noise_level=self.noise_level)
+        randomize_lora(module)
+        rollout = module.rollout(self.prompts)
+        assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
+        assert rollout.images.shape == (4, *self.image_shape)
+        assert_on_policy_ratios_are_one(module, rollout, ADV)
+
+    @pytest.mark.parametrize("cls, finetune_type, extra", [
+        (GRPO, "lora", {}), (NFT, "lora", {"num_train_timesteps": 1}), (AWM, "lora", {"num_train_timesteps": 1}),
+        (GRPO, "full", {}),
+    ], ids=["grpo-lora", "nft-lora", "awm-lora", "grpo-full"])
+    def test_one_optimizer_step(self, path, prompt_file, cls, finetune_type, extra):
+        """An optimizer step through Lightning moves the trained parameters, and only those: the adapters (LoRA) or
+        the whole denoiser (full fine-tuning)."""
+        if cls is GRPO:
+            extra = {"noise_level": self.noise_level, **extra}
+        module = self.make(cls, path, finetune_type=finetune_type, train_batch_size=4, **extra)
+        trained = dict(module.policy.named_trainable_parameters())
+        if finetune_type == "full":
+            assert sum(p.numel() for p in trained.values()) == sum(
+                p.numel() for p in module.policy.transformer.parameters())
+        else:
+            assert trained and all("lora" in n for n in trained)
+        before = {n: p.detach().clone() for n, p in trained.items()}
+        trainer = fit_one_iteration(module, prompt_file)
+        assert trainer.global_step >= 1 and torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
+        assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+        self.check_rewarded(module)
+
+    @pytest.mark.parametrize("finetune_type", ["lora", "full"])
+    def test_gradient_checkpointing_gives_the_same_gradients(self, path, finetune_type):
+        off, on, calls = checkpointing_gradients(path, finetune_type, self.guidance, prompts=self.prompts[1:3],
+                                                 **self.policy_options)
+        assert calls >= 1  # the blocks really ran checkpointed
+        assert_same_gradients(off, on)
+        self.check_checkpointing(path, finetune_type, off, on, calls)
