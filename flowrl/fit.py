@@ -126,8 +126,8 @@ def translate_argv(args: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- base: chains
 def expand_config_bases(args: Sequence[str]) -> list[str]:
-    """Each ``--config FILE`` whose YAML names ``base: OTHER`` (a path relative to FILE) becomes ``--config OTHER
-    --config <FILE's other keys>``, recursively: LightningCLI merges several ``--config`` files in order (a later
+    """Each ``--config FILE`` whose YAML names ``base: OTHER`` (a path relative to FILE, or a list of them read in
+    order) becomes ``--config OTHER --config <FILE's other keys>``, recursively: LightningCLI merges several ``--config`` files in order (a later
     value wins; a list is replaced, or extended by a ``key+:`` entry), so a config states only what differs from
     its base.
 
@@ -158,14 +158,17 @@ def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
         return [config]  # jsonargparse reports it
     if not isinstance(data, dict) or "base" not in data:
         return [config]
-    base, name = data.pop("base"), config if is_file else "an inline --config"
-    # a file's base is relative to it; inline YAML's to the working directory (or absolute)
-    path = os.path.normpath(os.path.join(os.path.dirname(config) if is_file else "", str(base)))
-    if not os.path.isfile(path):
-        raise ConfigError(f"{name}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
-    if os.path.abspath(path) in seen or (is_file and os.path.abspath(path) == os.path.abspath(config)):
-        raise ConfigError(f"{name}: base {base!r} leads back to itself")
-    return [*_config_chain(path, (*seen, os.path.abspath(config))), yaml.safe_dump(data, sort_keys=False)]
+    bases, name = data.pop("base"), config if is_file else "an inline --config"
+    chain = []
+    for base in bases if isinstance(bases, list) else [bases]:  # several bases: read in order (a model, an algorithm)
+        # a file's base is relative to it; inline YAML's to the working directory (or absolute)
+        path = os.path.normpath(os.path.join(os.path.dirname(config) if is_file else "", str(base)))
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}: its base {base!r} ({path}) does not exist; base is relative to the file naming it")
+        if os.path.abspath(path) in seen or (is_file and os.path.abspath(path) == os.path.abspath(config)):
+            raise ConfigError(f"{name}: base {base!r} leads back to itself")
+        chain += _config_chain(path, (*seen, os.path.abspath(config)))
+    return [*chain, yaml.safe_dump(data, sort_keys=False)]
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -13,8 +13,11 @@ ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.
 OVERLAYS = {os.path.join(ROOT, "lightning_configs", "toy", "lora.yaml"): os.path.join(ROOT, "lightning_configs", "toy", "nft.yaml")}
 #: strategy presets for GPUs (tests/e2e/test_strategies.py parses them; no GPU here to run them)
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "strategies", "*.yaml")))
-#: the parts whole configs share, named by them with ``base:`` (never run alone)
-BASES = [os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")]
+#: the parts whole configs share, named by them with ``base:`` (never run alone): the toy's shared settings, and
+#: the real models' and algorithms' files that lightning_configs/<family>/<algorithm>.yaml compose
+BASES = [os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")] + sorted(
+    glob.glob(os.path.join(ROOT, "lightning_configs", "models", "*.yaml"))
+    + glob.glob(os.path.join(ROOT, "lightning_configs", "algorithms", "*.yaml")))
 CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS and c not in PRESETS and c not in BASES]
 
 
@@ -69,17 +72,42 @@ def trainer_type_from_args(args) -> str:
     return found
 
 
-def test_every_config_is_whole_or_a_tested_overlay():
+def _bases(config: str) -> list[str]:
     import yaml
 
+    named = yaml.safe_load(open(config, encoding="utf-8")).get("base") or []
+    return [os.path.normpath(os.path.join(os.path.dirname(config), b)) for b in ([named] if isinstance(named, str)
+                                                                             else named)]
+
+
+def test_every_config_is_whole_or_a_tested_overlay():
     for config in ALL_CONFIGS:
         whole = any("trainer_type" in d for d in _config_documents(["--config", config]))  # bases included
-        assert whole != (config in OVERLAYS or config in PRESETS or config in BASES), (
-            f"{config}: a whole config sets trainer_type (itself or in its base); an overlay is in OVERLAYS, "
-            "a strategy preset in PRESETS, a base in BASES")
-    named = {os.path.normpath(os.path.join(os.path.dirname(c), d["base"]))
-             for c in ALL_CONFIGS if "base" in (d := yaml.safe_load(open(c, encoding="utf-8")))}
+        if config in CONFIGS:
+            assert whole, f"{config}: a whole config sets trainer_type (itself or in a base); else list it as an " \
+                          "overlay (OVERLAYS), a strategy preset (PRESETS) or a base (BASES)"
+        elif config in OVERLAYS or config in PRESETS:
+            assert not whole, f"{config}: an overlay or preset does not choose the algorithm"
+    named = {b for c in ALL_CONFIGS for b in _bases(c)}
     assert set(BASES) <= named <= set(BASES) | set(CONFIGS)  # a base is named; a whole config may be a base too
+
+
+def test_real_model_configs_compose_a_model_and_an_algorithm():
+    """lightning_configs/<family>/<algorithm>.yaml is models/<family>.yaml + algorithms/<algorithm>.yaml + the
+    family's tuning of that algorithm, and every pair of a model and an algorithm parses."""
+    models = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "models", "*.yaml")))
+    algorithms = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "algorithms", "*.yaml")))
+    for config in CONFIGS:
+        family = config_family(config)
+        if family == "toy":
+            continue
+        bases = _bases(config)
+        assert [os.path.basename(b) for b in bases] == [f"{family}.yaml", os.path.basename(config)], config
+    for model in (m for m in models if not m.endswith("base.yaml")):
+        for algorithm in algorithms:
+            with pytest.raises(SystemExit) as exit_info:
+                main(["fit", "--config", model, "--config", algorithm, "--print_config"])
+            assert exit_info.value.code in (0, None), (model, algorithm)
 
 
 def _leaves(data, prefix=""):
@@ -88,19 +116,26 @@ def _leaves(data, prefix=""):
     return {k: v for key, value in data.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if os.sep + "toy" + os.sep in c],
-                         ids=lambda c: os.path.relpath(c, ROOT))
-def test_a_toy_config_states_only_what_differs_from_its_base(config):
-    """An algorithm's file is what makes it that algorithm: no option repeats its base's value."""
+@pytest.mark.parametrize("config", [c for c in ALL_CONFIGS if "base" in (open(c, encoding="utf-8").read())
+                                    and _bases(c)], ids=lambda c: os.path.relpath(c, ROOT))
+def test_a_config_states_only_what_differs_from_its_bases(config):
+    """A config that names bases holds only what makes it itself: no option repeats its bases' value."""
     import yaml
 
     own = yaml.safe_load(open(config, encoding="utf-8"))
-    assert "base" in own, f"{config}: start it with `base: base.yaml` (or another toy config) and keep the differences"
+    own.pop("base")
     base = {}
-    for document in _config_documents(["--config", os.path.join(os.path.dirname(config), own.pop("base"))]):
-        base.update(_leaves(document))
+    for named in _bases(config):
+        for document in _config_documents(["--config", named]):
+            base.update(_leaves(document))
     repeated = {k: v for k, v in _leaves(own).items() if k in base and base[k] == v}
     assert not repeated, f"{config} repeats its base: {repeated}"
+
+
+def test_every_toy_config_has_a_base():
+    for config in CONFIGS:
+        if config_family(config) == "toy":
+            assert _bases(config), f"{config}: start it with `base: base.yaml` and keep the differences"
 
 
 def test_config_bases_are_read_first_and_bad_ones_named(tmp_path):
@@ -178,7 +213,7 @@ def test_config_runs_a_few_steps(config, tiny_pipeline_path, prompt_file, tmp_pa
 
 def test_unknown_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(open(CONFIGS[0]).read() + "\nmodel_typo: 1\n")
+    bad.write_text(f"base: {CONFIGS[0]}\nmodel_typo: 1\n")
     with pytest.raises(ConfigError, match="model_typo"):
         main(["fit", "--config", str(bad), "--print_config"])
     with pytest.raises(ConfigError, match="not_an_option"):
