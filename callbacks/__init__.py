@@ -4,16 +4,19 @@
 - :class:`OffPolicySampling`: generate training data with the EMA weights (the "old policy").
 - :class:`ReferenceModel`: the frozen reference of a KL penalty (``kl_beta``, ``kl_type``, ``ref_param_device``).
 - :class:`SamplePlots`: learning curves and a before/after sample grid as PNG at the end of fit.
+- :class:`IterationTimes`: seconds per step and the time to the end and to the next validation, as a log line.
 """
 
 from .ema import EMA, EMA_DECAY_SCHEDULES, decay_at
 from .off_policy import OffPolicySampling, enter_sampling_contexts
 from .plots import SamplePlots
 from .reference import KL_TYPES, ReferenceModel
+from .timing import IterationTimes
 
 __all__ = [
     "EMA",
     "EMA_DECAY_SCHEDULES",
+    "IterationTimes",
     "KL_TYPES",
     "OffPolicySampling",
     "ReferenceModel",

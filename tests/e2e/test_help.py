@@ -61,7 +61,7 @@ def test_every_data_option_has_a_description(capsys):
 
 
 @pytest.mark.parametrize("callback", ["callbacks.EMA", "callbacks.OffPolicySampling", "callbacks.ReferenceModel",
-                                      "callbacks.SamplePlots"])
+                                      "callbacks.SamplePlots", "callbacks.IterationTimes"])
 def test_every_callback_option_has_a_description(capsys, callback):
     text = help_text(capsys, "--trainer.callbacks.help", callback)
     missing, seen = undocumented(text, ("--trainer.callbacks.",))
