@@ -12,6 +12,7 @@ itself, and :func:`explain` turns its message into one line naming the option's 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 import warnings
@@ -90,6 +91,16 @@ def _flowrl_loader(text: str):
 
 
 set_loader("flowrl", _flowrl_loader, exceptions=(yaml.YAMLError,))
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning's tip to install its cloud logger, printed at every start: not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 def translate_argv(args: Sequence[str]) -> list[str]:
@@ -235,6 +246,7 @@ DEFAULT_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.log
 TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,  # flowrl's group sampler shards whole groups itself
     "log_every_n_steps": 1,
+    "enable_model_summary": False,  # its FLOPs column is 0 for a pipeline; the module logs one line of its own
     # under runs/lightning_logs, or under <default_root_dir>/logs where the config sets default_root_dir
     "logger": [{"class_path": path, "init_args": {"save_dir": "runs"}} for path in DEFAULT_LOGGERS],
 }
@@ -288,6 +300,8 @@ def fit_main(args: Sequence[str], run: bool = True) -> FlowRLCLI:
             # flowrl's own command passes its command line as ``args`` (after the aliases): not the mistake
             # LightningCLI warns about when a script mixes both
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+            # Lightning 2.6's own use of a torch.utils._pytree name torch 2.13 deprecates: nothing a user can change
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             return FlowRLCLI(FlowRLModule, PromptDataModule, subclass_mode_model=True, args=argv, run=run,
                              trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
                              parser_kwargs={"default_env": False})

@@ -182,6 +182,7 @@ class FlowRLModule(L.LightningModule):
             raise ConfigError(f"kl_type 'x-based' compares the SDE step means, which dynamics {self.dynamics.name!r} "
                               "does not have; use kl_type: v-based or stochastic dynamics")
         use_atomic_checkpoints(self.trainer)  # a run killed while saving keeps its last checkpoint readable
+        metrics.announce(self)
 
     def on_save_checkpoint(self, checkpoint):  # the trained parameters only
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -231,8 +232,7 @@ class FlowRLModule(L.LightningModule):
         """Whether a rollout keeps the unconditional CFG branch of its trained steps for training to reuse."""
         return rollouts.keeps_uncond_branch(self, guidance_scale)
 
-    def rollout(self, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
-                on_chunk: Callable[[slice, torch.Tensor], None] | None = None) -> Rollout:
+    def rollout(self, prompts: Sequence[str], group_ids=None, on_chunk: Callable | None = None) -> Rollout:
         """Samples of ``prompts`` for training (:func:`flowrl.algorithms.rollouts.draw`)."""
         return rollouts.draw(self, prompts, group_ids, on_chunk)
 

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from flowrl.rewards import RewardScores, WeightedReward
 
-__all__ = ["ValidationMetrics", "log_rewards", "log_train"]
+__all__ = ["ValidationMetrics", "announce", "log_rewards", "log_train"]
+
+
+def announce(module) -> None:
+    """One line at the start of fit instead of Lightning's model summary: the algorithm, how many parameters train,
+    the dynamics. The frozen text encoders and VAE are in eval mode on purpose, so Lightning's warning about
+    modules in eval mode is left out (that message only)."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    total = sum(p.numel() for p in module.policy.parameters())
+    trained = sum(p.numel() for p in module.policy.trainable_parameters())
+    rank_zero_info(f"[flowrl] {type(module).__name__}: {trained:,} of {total:,} parameters trained "
+                   f"({module.policy.finetune_type}), dynamics {module.dynamics!r}")
 
 
 def log_rewards(module, scores: RewardScores, keep: torch.Tensor | None) -> None:
