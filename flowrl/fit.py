@@ -23,22 +23,24 @@ from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from flowrl.algorithms import ALGORITHMS, FlowRLModule
 from flowrl.data import PromptDataModule
+from flowrl.dynamics import DYNAMICS, TrainSteps
 from flowrl.errors import ConfigError
 from flowrl.precision import resolve_precision
 
 __all__ = ["FlowRLCLI", "expand_config_bases", "explain", "fit_main", "translate_argv", "translate_config"]
 
 # ---------------------------------------------------------------------------------------------- the alias table
-TRAINER_TYPES = {"grpo": "flowrl.algorithms.GRPO", "grpo-guard": "flowrl.algorithms.GRPOGuard",
-                 "nft": "flowrl.algorithms.NFT", "awm": "flowrl.algorithms.AWM"}
-DYNAMICS_TYPES = {"Flow-SDE": "flowrl.dynamics.FlowSDE", "Dance-SDE": "flowrl.dynamics.DanceSDE",
-                  "CPS": "flowrl.dynamics.CPS", "ODE": "flowrl.dynamics.ODE"}
+#: the seed's names of the algorithms and dynamics (the classes' own tables) -> their class_path
+TRAINER_TYPES = {name: f"flowrl.algorithms.{cls.__name__}" for name, cls in ALGORITHMS.items()}
+DYNAMICS_TYPES = {name: f"flowrl.dynamics.{cls.__name__}" for name, cls in DYNAMICS.items()}
+STEP_SELECTION = f"flowrl.dynamics.{TrainSteps.__name__}"
 ADVANTAGE_AGGREGATIONS = {"sum": "group", "gdpo": "gdpo"}
 #: flat model option -> (component option, its class_path, the init arg)
 COMPONENT_OPTIONS = {
     "noise_level": ("dynamics", None, "noise_level"),
-    **{name: ("step_selection", "flowrl.dynamics.TrainSteps", name)
+    **{name: ("step_selection", STEP_SELECTION, name)
        for name in ("train_steps", "num_train_steps", "window_size", "window_shift_interval", "window_stride")},
 }
 DEFAULT_TRAINER_TYPE = "grpo"
@@ -77,7 +79,7 @@ def translate_config(doc):
         init["dynamics"] = {"class_path": path, **({"init_args": args} if args else {})}
     selection = {name: value for name, value in flat.items() if name != "noise_level" and value is not None}
     if selection:
-        init["step_selection"] = {"class_path": "flowrl.dynamics.TrainSteps", "init_args": selection}
+        init["step_selection"] = {"class_path": STEP_SELECTION, "init_args": selection}
     if wrapped:
         model["init_args"] = init
         doc["model"] = model
@@ -198,14 +200,10 @@ def options_of(cls) -> set[str]:
 
 
 def _owners(option: str) -> list[str]:
-    from flowrl.algorithms import ALGORITHMS
-    from flowrl.dynamics import CPS, ODE, DanceSDE, FlowSDE, TrainSteps
-
-    owners = [f"model: {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__} (trainer_type {name})"
+    owners = [f"model: {TRAINER_TYPES[name]} (trainer_type {name})"
               for name, cls in ALGORITHMS.items() if option in options_of(cls)]
-    owners += [f"model.dynamics: flowrl.dynamics.{cls.__name__}" for cls in (FlowSDE, DanceSDE, CPS, ODE)
-               if option in options_of(cls)]
-    owners += ["model.step_selection: flowrl.dynamics.TrainSteps"] if option in options_of(TrainSteps) else []
+    owners += [f"model.dynamics: {DYNAMICS_TYPES[name]}" for name, cls in DYNAMICS.items() if option in options_of(cls)]
+    owners += [f"model.step_selection: {STEP_SELECTION}"] if option in options_of(TrainSteps) else []
     return owners
 
 
@@ -291,8 +289,6 @@ class FlowRLCLI(LightningCLI):
 def fit_main(args: Sequence[str], run: bool = True) -> FlowRLCLI:
     """``flowrl fit ...`` (``run=False``: parse and build the classes only, no subcommand)."""
     from jsonargparse import ArgumentError
-
-    from flowrl.algorithms import FlowRLModule
 
     argv = translate_argv(expand_config_bases(list(args)))
     try:

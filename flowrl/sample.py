@@ -133,10 +133,10 @@ def _dynamics(args):
         if args.noise_level is not None or args.sde_steps:
             raise ConfigError("flowrl sample: --noise_level and --sde_steps shape the --dynamics; give --dynamics too")
         return None
-    from flowrl.fit import DYNAMICS_TYPES
+    from flowrl.dynamics import DYNAMICS
     from flowrl.imports import import_class_path
 
-    cls = import_class_path(DYNAMICS_TYPES.get(args.dynamics, args.dynamics))
+    cls = DYNAMICS.get(args.dynamics) or import_class_path(args.dynamics)
     if args.noise_level is None:
         return cls()
     if not cls().is_stochastic:

@@ -291,7 +291,7 @@ class FlowRLModule(L.LightningModule):
     def on_validation_epoch_end(self):
         """Logs ``val/reward`` and a verifier's per-category and overall accuracy; also kept in
         ``last_validation_metrics`` (for the sanity-check run before training too, which Lightning does not log)."""
-        several = self._trainer is not None and self.trainer.world_size > 1
+        several = update.world_size(self) > 1
         values = self.val_metrics.compute(
             (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if several else None)
         for key, value in values.items():

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flowrl.advantages import estimate_advantages
+from flowrl.algorithms.update import world_size
 from flowrl.errors import ConfigError
 from flowrl.rewards import RewardError, RewardScores, RewardSpec, WeightedReward
 
@@ -39,13 +40,9 @@ def reward_function(rewards, on_reward_error: str, async_rewards: bool, rollout_
     return reward_fn
 
 
-def _world_size(module) -> int:
-    return module.trainer.world_size if module._trainer is not None else 1
-
-
 def _anywhere(module, flag: bool) -> bool:
     """``flag`` on any process."""
-    return flag if _world_size(module) == 1 else module.trainer.strategy.reduce_boolean_decision(flag, all=False)
+    return flag if world_size(module) == 1 else module.trainer.strategy.reduce_boolean_decision(flag, all=False)
 
 
 def accept_scores(module, scores: RewardScores, group_ids: torch.Tensor) -> tuple[RewardScores, torch.Tensor | None]:
@@ -59,7 +56,7 @@ def accept_scores(module, scores: RewardScores, group_ids: torch.Tensor) -> tupl
         return scores, None
     valid = scores.valid
     keep = ~torch.isin(group_ids, group_ids[~valid])  # samples whose whole group scored
-    if _world_size(module) > 1 and _anywhere(module, not bool(valid.all())):
+    if world_size(module) > 1 and _anywhere(module, not bool(valid.all())):
         keep = torch.zeros_like(keep)
     skipped = int(torch.unique(group_ids[~keep]).numel())
     module.log("train/reward_skipped_groups", float(skipped), batch_size=len(group_ids))
@@ -77,7 +74,7 @@ def advantages(module, scores: RewardScores, group_ids: torch.Tensor, keep: torc
     terms = torch.stack([scores.terms[k] for k in names]) if names else scores.total.new_zeros((0, len(group_ids)))
     weights = torch.tensor([scores.weights[k] for k in names], dtype=torch.float32)
     gather = None
-    if _world_size(module) > 1:
+    if world_size(module) > 1:
         gather = lambda t: module.all_gather(t.to(module.device)).flatten().cpu()  # noqa: E731
     return estimate_advantages(module.advantage_estimator, scores.total, terms, weights, group_ids, keep,
                                module.global_std, gather, module.global_rank)

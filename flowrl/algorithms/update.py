@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from flowrl.rollout import Rollout
 
-__all__ = ["StepGuard", "backward", "micro_batch_plan", "run_updates"]
+__all__ = ["StepGuard", "backward", "micro_batch_plan", "run_updates", "world_size"]
 
 _EPOCH_SALT = 104729  # separates the inner epochs' shuffles from the other draws
 
@@ -69,7 +69,8 @@ def run_updates(module, rollout: Rollout, advantages: torch.Tensor, keep: torch.
     return logs
 
 
-def _world_size(module) -> int:
+def world_size(module) -> int:
+    """How many processes train ``module`` (1 outside a Trainer)."""
     return module.trainer.world_size if module._trainer is not None else 1
 
 
@@ -96,7 +97,7 @@ class StepGuard:
             return
         message = (f"non-finite loss {loss.item()} at iteration {self.module.iteration}; no update was made. "
                    "Lower the learning rate or check the reward and the inputs.")
-        if _world_size(self.module) == 1:
+        if world_size(self.module) == 1:
             raise FloatingPointError(message)
         self.bad_loss = self.bad_loss or message
 
@@ -107,13 +108,13 @@ class StepGuard:
         norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
                 if grads else torch.zeros(()))
         bad = self.bad_loss is not None or not bool(torch.isfinite(norm))
-        if _world_size(module) > 1:  # every rank decides alike (sharded gradients may differ in finiteness)
+        if world_size(module) > 1:  # every rank decides alike (sharded gradients may differ in finiteness)
             bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             if self.bad_loss is not None:
                 raise FloatingPointError(self.bad_loss)
-            if _world_size(module) > 1 and bool(torch.isfinite(norm)):
+            if world_size(module) > 1 and bool(torch.isfinite(norm)):
                 raise FloatingPointError(f"a non-finite loss or gradient on another process at iteration "
                                          f"{module.iteration}; no update was made on any process")
             raise FloatingPointError(f"non-finite gradient at iteration {module.iteration}; no update was made")
