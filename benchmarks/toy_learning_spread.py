@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "tests"):
+for p in (ROOT, ROOT / "tests", ROOT / "tests" / "e2e"):  # the short run is a test of tests/e2e
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
