@@ -26,8 +26,13 @@ class SamplePlots(pl.Callback):
     Args:
         train_keys: training metrics to record and plot (from ``trainer.callback_metrics``).
         val_prefix: prefix of the validation metrics to record when the module has no ``last_validation_metrics``.
-        num_samples: validation samples in each grid (from the first validation batch).
+        num_samples: validation samples in each grid (from the first validation batch: order the validation prompts
+            so that its first ones are the set to watch, as the toy's category-interleaved ``toy:eval`` is).
+        per_row: images in each grid row.
         dirpath: where the files go; null = the trainer's log folder.
+
+    Validation metrics whose name holds ``diversity`` (flowrl's ``val/diversity_pixel``, ``val/diversity_colour``)
+    get a panel of their own in ``curves.png``: their scale is not an accuracy's.
     """
 
     def __init__(
@@ -35,10 +40,13 @@ class SamplePlots(pl.Callback):
         train_keys: Sequence[str] = ("train/reward_mean",),
         val_prefix: str = "val/",
         num_samples: int = 16,
+        per_row: int = 8,
         dirpath: str | None = None,
     ):
+        if num_samples < 1 or per_row < 1:
+            raise ValueError(f"SamplePlots: num_samples ({num_samples}) and per_row ({per_row}) must be at least 1")
         self.train_keys, self.val_prefix = list(train_keys), val_prefix
-        self.num_samples, self.dirpath = num_samples, dirpath
+        self.num_samples, self.per_row, self.dirpath = num_samples, per_row, dirpath
         self.train_history: list[dict] = []
         self.val_history: list[dict] = []
         self.first_samples: tuple[torch.Tensor, list[str]] | None = None
@@ -115,19 +123,22 @@ class SamplePlots(pl.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        keys = sorted({k for r in self.val_history for k in r if k != "step"})
+        panels = [("validation", [k for k in keys if "diversity" not in k]), ("diversity", [k for k in keys if "diversity" in k])]
+        panels = [p for p in panels if p[1]] or [("validation", [])]
+        fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 * (1 + len(panels)), 4))
         for key in self.train_keys:
             pts = [(r["step"], r[key]) for r in self.train_history if key in r]
             if pts:
                 axes[0].plot(*zip(*pts), label=key)
         axes[0].set_xlabel("optimizer step")
         axes[0].set_title("training")
-        keys = sorted({k for r in self.val_history for k in r if k != "step"})
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in self.val_history if key in r]
-            axes[1].plot(*zip(*pts), marker="o", label=key.removeprefix(self.val_prefix))
-        axes[1].set_xlabel("optimizer step")
-        axes[1].set_title("validation")
+        for ax, (title, panel_keys) in zip(axes[1:], panels):
+            for key in panel_keys:
+                pts = [(r["step"], r[key]) for r in self.val_history if key in r]
+                ax.plot(*zip(*pts), marker="o", label=key.removeprefix(self.val_prefix))
+            ax.set_xlabel("optimizer step")
+            ax.set_title(title)
         for ax in axes:
             if ax.lines:
                 ax.legend(fontsize=7)
@@ -137,10 +148,10 @@ class SamplePlots(pl.Callback):
         plt.close(fig)
 
     def plot_grid(self, path: str, rows: list | None = None) -> None:
-        """A grid of ``rows`` (``[(label, (images, prompts)), ...]``; default: before and after): one grid row of up
-        to 8 images per label, each image captioned with its prompt."""
+        """A grid of ``rows`` (``[(label, (images, prompts)), ...]``; default: before and after): grid rows of up
+        to ``per_row`` images per label, each image captioned with its prompt."""
         rows = rows or [("before", self.first_samples), ("after", self.last_samples)]
-        per_row = min(8, len(rows[0][1][1]))
+        per_row = min(self.per_row, len(rows[0][1][1]))
         images, captions, labels = [], [], []
         for label, (imgs, prompts) in rows:
             imgs = imgs[:, 0] if imgs.ndim == 5 else imgs  # first frame of a video

@@ -61,7 +61,7 @@ def main(algorithm="nft", steps=20, group_size=8, prompts_per_batch=4, out="runs
     if algorithm == "nft":  # the EMA weights sample the rollouts and are NFT's "old" policy
         callbacks += [EMA(ema_decay=0.5, ema_decay_schedule="piecewise_linear", ramp_rate=0.005),
                       OffPolicySampling(off_policy=True)]
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", precision=cpu_precision(), logger=CSVLogger(out),
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", precision=cpu_precision(model), logger=CSVLogger(out),
                         callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=False)
     trainer.fit(model, datamodule=ShapesData(group_size, prompts_per_batch))
     return trainer

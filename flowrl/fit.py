@@ -27,7 +27,8 @@ from flowrl.algorithms import ALGORITHMS, FlowRLModule
 from flowrl.data import PromptDataModule
 from flowrl.dynamics import DYNAMICS, TrainSteps
 from flowrl.errors import ConfigError
-from flowrl.precision import resolve_precision
+from flowrl.precision import ENV as PRECISION_ENV
+from flowrl.precision import measure_precision, needs_choice
 
 __all__ = ["FlowRLCLI", "expand_config_bases", "explain", "fit_main", "translate_argv", "translate_config"]
 
@@ -261,9 +262,10 @@ class FlowRLCLI(LightningCLI):
         parser.link_arguments("model.init_args.group_size", "data.group_size")
 
     def before_instantiate_classes(self) -> None:
-        """An unset ``trainer.precision`` on a CPU run becomes what the CPU computes natively (:mod:`flowrl.precision`);
-        the default loggers write under ``trainer.default_root_dir`` (``<root>/logs/version_N``), so a config names its
-        run's folder once. Both are written into the run's saved config.yaml."""
+        """An unset ``trainer.precision`` on a CPU run is noted, to be measured once the module is built
+        (:meth:`instantiate_trainer`); the default loggers write under ``trainer.default_root_dir``
+        (``<root>/logs/version_N``), so a config names its run's folder once. Both are written into the run's saved
+        config.yaml."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root, loggers = config.trainer.default_root_dir, config.trainer.logger
         for logger in loggers if root and isinstance(loggers, list) else []:
@@ -271,10 +273,24 @@ class FlowRLCLI(LightningCLI):
             if (getattr(logger, "class_path", None) in DEFAULT_LOGGERS and args is not None
                     and (args.save_dir, args.name) == ("runs", "lightning_logs")):
                 args.save_dir, args.name = root, "logs"
-        chosen, why = resolve_precision(config.trainer.precision, config.trainer.accelerator)
-        if why is not None:
-            config.trainer.precision = chosen
-            rank_zero_info(why)
+        self._choose_precision = needs_choice(config.trainer.precision, config.trainer.accelerator)
+
+    def instantiate_trainer(self, **kwargs):
+        """An unset ``trainer.precision`` on a CPU run becomes the faster of float32 and bf16 autocast for this
+        run's denoiser on this CPU (:mod:`flowrl.precision`, timed once the module is built), logged and written
+        into the run's saved config.yaml."""
+        if getattr(self, "_choose_precision", False) and hasattr(self.model, "policy"):
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            choice = measure_precision(self.model.policy, self.model.train_batch_size, self.model.height,
+                                       self.model.width)
+            config.trainer.precision = choice.chosen
+            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            init.trainer.precision = choice.chosen
+            devices, nodes = config.trainer.devices, config.trainer.num_nodes or 1
+            if nodes > 1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, list) and len(devices) > 1:
+                os.environ[PRECISION_ENV] = choice.chosen  # the run's other processes start from this environment
+            rank_zero_info(choice.line())
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """Errors raised while the configured classes are built are configuration errors (no work started)."""

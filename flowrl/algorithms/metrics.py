@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from flowrl.diversity import diversity_by_prompt
 from flowrl.rewards import RewardScores, WeightedReward
 
 __all__ = ["ValidationMetrics", "announce", "log_rewards", "log_train"]
@@ -50,10 +51,13 @@ def log_train(module, logs: dict[str, list[torch.Tensor]]) -> None:
 
 
 class ValidationMetrics(nn.ModuleDict):
-    """``reward`` and, for a verifier reward (one with ``evaluate``), ``<name>_acc_<category>`` means."""
+    """``reward``; for a verifier reward (one with ``evaluate``), ``<name>_acc_<category>`` means; and the samples'
+    diversity among the samples of one prompt (:mod:`flowrl.diversity`), averaged over the prompts with two or more
+    samples in a batch: ``diversity_pixel`` (mean pairwise RMS pixel distance) and ``diversity_colour`` (colour
+    entropy, bits). A collapse (every sample of a prompt alike) shows in them while the reward may still rise."""
 
     def __init__(self, reward_fn: WeightedReward):
-        super().__init__({"reward": MeanMetric()})
+        super().__init__({"reward": MeanMetric(), "diversity_pixel": MeanMetric(), "diversity_colour": MeanMetric()})
         self.reward_fn = reward_fn
         for name, reward in reward_fn.rewards.items():
             for category in getattr(reward, "categories", ()):
@@ -61,6 +65,9 @@ class ValidationMetrics(nn.ModuleDict):
 
     def record(self, images: torch.Tensor, prompts, rewards: torch.Tensor, device) -> None:
         self["reward"].update(rewards.to(device))
+        for pixel, colour in diversity_by_prompt(images, prompts).values():
+            self["diversity_pixel"].update(pixel.to(device))
+            self["diversity_colour"].update(colour.to(device))
         for name, reward in self.reward_fn.rewards.items():
             if not hasattr(reward, "evaluate"):
                 continue

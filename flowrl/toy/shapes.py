@@ -333,11 +333,14 @@ def balanced_prompts(split: str, per_category: int, seed: int = 0) -> list[str]:
     return out
 
 
-def balanced_eval_prompts(per_category: int = 32, seed: int = 0) -> list[str]:
+def balanced_eval_prompts(per_category: int = 32, seed: int = 0, block: int = 2) -> list[str]:
     """Held-out prompts with ``per_category`` entries in every category, so that each category's accuracy
     has the same sample size and the overall accuracy (the mean over categories) is not dominated by
-    sampling noise of a 2-prompt one."""
-    return balanced_prompts("heldout", per_category, seed)
+    sampling noise of a 2-prompt one. Interleaved by category, ``block`` prompts of each in turn: any leading part
+    of the list (the first validation batch, a sample grid, ``max_val_prompts``) covers every category alike."""
+    ordered = balanced_prompts("heldout", per_category, seed)  # in category order
+    by_category = [ordered[i * per_category:(i + 1) * per_category] for i in range(len(CATEGORIES))]
+    return [p for start in range(0, per_category, block) for prompts in by_category for p in prompts[start:start + block]]
 
 
 def balanced_train_prompts(seed: int = 0) -> list[str]:

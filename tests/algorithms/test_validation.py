@@ -37,6 +37,23 @@ def test_validation_uses_eval_resolution_ode_and_logs_categories(module):
     assert metrics["val/shapes_acc_overall"] == pytest.approx(sum(per_category) / len(per_category))
 
 
+def test_validation_logs_the_diversity_of_each_prompts_samples(module):
+    """Diversity among the samples of one prompt (a collapse shows there while accuracy may rise): the mean over
+    the prompts with two or more samples, as flowrl.diversity computes it; a prompt sampled once adds nothing."""
+    from flowrl.diversity import colour_entropy, pairwise_distance
+
+    prompts = ["a red circle"] * 3 + ["two blue squares"] * 2 + ["a green triangle"]
+    images = module.validation_step({"prompt": prompts}, 0)["images"]
+    metrics = module.val_metrics.compute()
+    expected_pixel = (pairwise_distance(images[:3]) + pairwise_distance(images[3:5])) / 2
+    expected_colour = (colour_entropy(images[:3]) + colour_entropy(images[3:5])) / 2
+    assert float(metrics["val/diversity_pixel"]) == pytest.approx(float(expected_pixel), rel=1e-5)
+    assert float(metrics["val/diversity_colour"]) == pytest.approx(float(expected_colour), rel=1e-5)
+    assert float(metrics["val/diversity_pixel"]) > 0  # different noise per sample: different images
+    module.validation_step({"prompt": ["a red circle"]}, 0)
+    assert "val/diversity_pixel" not in module.val_metrics.compute()  # one sample: no figure rather than a 0
+
+
 def test_validation_is_deterministic_across_calls(module):
     prompts = ["a red circle", "a red circle"]
     a = module.validation_step({"prompt": prompts}, 0)["images"]

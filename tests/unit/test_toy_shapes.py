@@ -174,6 +174,9 @@ def test_balanced_eval_prompts_are_heldout_and_balanced():
     # every held-out prompt of a small category appears
     single = {p for p in held if S.parse_prompt(p).category == "single_object"}
     assert single <= set(prompts)
+    # interleaved: every run of 10 prompts holds two of each category (a sample grid of the first ones shows all)
+    for start in range(0, len(prompts), 10):
+        assert Counter(S.parse_prompt(p).category for p in prompts[start:start + 10]) == {c: 2 for c in S.CATEGORIES}
 
 
 def test_sample_scene():
