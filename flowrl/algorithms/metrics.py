@@ -18,8 +18,11 @@ __all__ = ["ValidationMetrics", "announce", "log_rewards", "log_train"]
 def announce(module) -> None:
     """One line at the start of fit instead of Lightning's model summary: the algorithm, how many parameters train,
     the dynamics. The frozen text encoders and VAE are in eval mode on purpose, so Lightning's warning about
-    modules in eval mode is left out (that message only)."""
+    modules in eval mode is left out (that message only), as is its warning about checkpoints after the update."""
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # flowrl's update (manual optimization) ends with the optimizer step, so a checkpoint taken at an iteration's
+    # end holds the state after it: what resume needs (tests/e2e/test_resume.py), not the mistake Lightning warns of.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     total = sum(p.numel() for p in module.policy.parameters())
     trained = sum(p.numel() for p in module.policy.trainable_parameters())
     rank_zero_info(f"[flowrl] {type(module).__name__}: {trained:,} of {total:,} parameters trained "
