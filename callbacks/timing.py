@@ -24,7 +24,8 @@ def format_duration(seconds: float) -> str:
 class IterationTimes(L.Callback):
     """Every ``every_n_steps`` optimizer steps (first after ``warmup_steps``), one line: seconds per step (training
     only, measured since the warm-up), the estimated time to ``max_steps`` (training plus the validations still to
-    come, each as long as the last one) and to the next validation.
+    come, each as long as the last one, the "before" validation of ``num_sanity_val_steps: -1`` included) and to the
+    next validation.
 
     Args:
         every_n_steps: steps between two lines.
@@ -61,7 +62,10 @@ class IterationTimes(L.Callback):
         self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module):
-        if self._validation_start is not None and not trainer.sanity_checking:
+        # A sanity check that ran the whole validation (``num_sanity_val_steps: -1``, a "before" evaluation) times
+        # one too; a partial one (a few batches) does not stand for a validation.
+        whole = not trainer.sanity_checking or trainer.num_sanity_val_steps == float("inf")
+        if self._validation_start is not None and whole:
             self.validation_seconds = time.perf_counter() - self._validation_start
 
     def report(self, trainer) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -101,6 +102,25 @@ def _within_block(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _loading_bars_on_a_terminal_only():
+    """diffusers' and transformers' loading progress bars, where output is not a terminal (a log file, a CI log),
+    print carriage returns and cursor codes that bury a run's first lines; they are switched off there while a
+    pipeline loads, and restored afterwards."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    quiet = not (sys.stderr is not None and sys.stderr.isatty())
+    for lib in libraries if quiet else []:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries if quiet else []:
+            lib.enable_progress_bar()
+
+
 def _load_pipeline(config: PolicyConfig):
     from diffusers import DiffusionPipeline
 
@@ -109,7 +129,8 @@ def _load_pipeline(config: PolicyConfig):
     index = DiffusionPipeline.load_config(path, revision=config.revision)
     # Components saved as null (e.g. an SD3 without T5) must be passed as None explicitly.
     none_components = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    return DiffusionPipeline.from_pretrained(path, **none_components, **kwargs)
+    with _loading_bars_on_a_terminal_only():
+        return DiffusionPipeline.from_pretrained(path, **none_components, **kwargs)
 
 
 class FlowMatchingPolicy(nn.Module):

@@ -48,6 +48,19 @@ def test_a_line_with_seconds_per_step_and_the_time_to_the_end_and_to_the_next_va
     assert timer.validation_seconds >= 0.1
 
 
+@pytest.mark.parametrize("sanity, timed", [(-1, True), (1, False)])
+def test_a_whole_before_validation_times_the_validations_to_come(sanity, timed):
+    """``num_sanity_val_steps: -1`` runs the whole validation before training (the "before" numbers): its time stands
+    for the validations to come from the first line on; a sanity check of a few batches does not."""
+    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4)
+    timer = IterationTimes(every_n_steps=2, warmup_steps=1)
+    trainer = L.Trainer(max_steps=5, val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=2,
+                        num_sanity_val_steps=sanity, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(Sleepy(), data, data)
+    assert ("not yet timed" not in timer.lines[0]) == timed
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0 s"), (45.4, "45 s"), (200, "3 min 20 s"), (3900, "1 h 05 min")])
 def test_durations_read_as_a_person_says_them(seconds, text):
     assert format_duration(seconds) == text

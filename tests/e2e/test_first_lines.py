@@ -15,6 +15,7 @@ NOISE = [
     "Total FLOPs",  # Lightning's model summary (0 for a pipeline); flowrl logs one line of its own
     "is deprecated",  # Lightning's use of a torch pytree name
     "Tip:",  # Lightning's advert for its cloud logger
+    "Loading pipeline components", "Loading weights",  # loading progress bars, when output is not a terminal
     "gemm_4bit_forward",  # bitsandbytes on an AVX512-BF16 CPU: a Hub kernel for a 4-bit path flowrl does not have
     "Warning", "warning", "Traceback",
 ]
