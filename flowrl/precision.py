@@ -4,7 +4,7 @@ Whether bf16 autocast is faster than float32 on a CPU cannot be read from its fl
 faster on an AMD EPYC and 1.2x slower on an Intel Xeon (no AMX); on AVX2-only CPUs, where bf16 is emulated, 5x
 slower. So a CPU run with no ``trainer.precision`` set times a few forward+backward passes of its own denoiser at
 its own shapes (one micro-batch at the training resolution) in float32 and under bf16 autocast, and runs the
-faster. The two times and the choice are logged and written into the run's saved ``config.yaml``;
+faster (bf16 only when at least 5% faster: it rounds every activation, and a near tie is noise). The two times and the choice are logged and written into the run's saved ``config.yaml``;
 ``--trainer.precision`` overrides. The result is cached per CPU model, thread count, torch version and shape
 (``$XDG_CACHE_HOME/flowrl/precision.json``, else ``~/.cache/...``), so a second run does not pay the second or
 two. Extra processes of a multi-process run read the first one's choice (``FLOWRL_CPU_PRECISION``) instead of
@@ -30,6 +30,7 @@ __all__ = ["PrecisionChoice", "cpu_description", "cpu_has_native_bf16", "cpu_pre
            "needs_choice"]
 
 CANDIDATES = ("32-true", "bf16-mixed")
+BF16_MARGIN = 1.05  # bf16 autocast is chosen only when at least 5% faster than float32
 ENV = "FLOWRL_CPU_PRECISION"  # the choice, handed to the other processes of a multi-process run
 
 
@@ -77,10 +78,12 @@ class PrecisionChoice:
         if self.source == "inherited":
             return f"flowrl: trainer.precision not set; {self.chosen}, as the first process of this run measured."
         times = ", ".join(f"{p} {s * 1000:.0f} ms" for p, s in self.seconds.items())
-        faster = max(self.seconds.values()) / max(min(self.seconds.values()), 1e-12)
+        other = next(p for p in self.seconds if p != self.chosen)
+        ratio = self.seconds[other] / max(self.seconds[self.chosen], 1e-12)
+        why = f"{ratio:.2f}x faster" if ratio > 1 else f"bf16 not {BF16_MARGIN - 1:.0%} faster"
         return (f"flowrl: trainer.precision not set; on this CPU ({info['model_name']}, {info['capability']}, "
                 f"{info['threads']} threads) one forward+backward pass of this run's denoiser took {times} "
-                f"({self.source}): running {self.chosen} ({faster:.2f}x faster). Set --trainer.precision to override.")
+                f"({self.source}): running {self.chosen} ({why}). Set --trainer.precision to override.")
 
 
 def _cache_path() -> Path:
@@ -160,7 +163,8 @@ def measure_precision(policy, batch_size: int, height: int, width: int, repeats:
         source = "measured"
         if use_cache:
             _write_cache(key, seconds)
-    chosen = min(CANDIDATES, key=lambda p: seconds[p])  # ties: float32, the first
+    # bf16 rounds every activation: it must earn that by a clear margin, else float32 (a near tie is noise)
+    chosen = "bf16-mixed" if seconds["bf16-mixed"] * BF16_MARGIN < seconds["32-true"] else "32-true"
     return PrecisionChoice(chosen, seconds, source)
 
 

@@ -53,6 +53,17 @@ def test_the_faster_precision_is_chosen_and_cached(faster):
     assert "(measured)" in first.line() and f"running {chosen} (1.50x faster)" in first.line()
 
 
+@pytest.mark.parametrize("bf16, chosen", [(0.0949, "bf16-mixed"), (0.0960, "32-true"), (0.1, "32-true"),
+                                          (0.2, "32-true")])
+def test_bf16_must_be_clearly_faster(bf16, chosen, monkeypatch):
+    """float32 takes 100 ms: bf16 autocast is chosen only below 100 / 1.05 = 95.2 ms (it rounds every activation)."""
+    monkeypatch.setattr(P, "_time_passes", lambda policy, precision, *a: bf16 if precision == "bf16-mixed" else 0.1)
+    monkeypatch.setattr(P, "_shape_key", lambda *a: "key")
+    choice = P.measure_precision(None, 4, 32, 32)
+    assert choice.chosen == chosen
+    assert ("x faster" in choice.line()) == (chosen == "bf16-mixed" or bf16 > 0.1)
+
+
 def test_a_real_measurement_times_both_and_leaves_no_gradient():
     policy = main(["--config", os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml"), *TINY,
                    "--trainer.precision=32-true"], run=False).model.policy
