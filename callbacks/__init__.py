@@ -5,9 +5,11 @@
 - :class:`ReferenceModel`: the frozen reference of a KL penalty (``kl_beta``, ``kl_type``, ``ref_param_device``).
 - :class:`SamplePlots`: learning curves and a before/after sample grid as PNG at the end of fit.
 - :class:`IterationTimes`: seconds per step and the time to the end and to the next validation, as a log line.
+- :class:`FSDP2Strategy`: FSDP2 (``ModelParallelStrategy``) whose checkpoints also hold the callbacks' shards.
 """
 
 from .ema import EMA, EMA_DECAY_SCHEDULES, decay_at
+from .fsdp2 import FSDP2Strategy
 from .off_policy import OffPolicySampling, enter_sampling_contexts
 from .plots import SamplePlots
 from .reference import KL_TYPES, ReferenceModel
@@ -16,6 +18,7 @@ from .timing import IterationTimes
 __all__ = [
     "EMA",
     "EMA_DECAY_SCHEDULES",
+    "FSDP2Strategy",
     "IterationTimes",
     "KL_TYPES",
     "OffPolicySampling",

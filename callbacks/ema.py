@@ -22,8 +22,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ._swap import (
+    Layout,
+    as_saved,
     check_device_option,
     copy_trained_parameters,
+    layouts_of,
+    local,
+    local_part,
     named_parameters_of,
     refuse_sharded_parameters,
     swap_parameters,
@@ -148,7 +153,10 @@ class EMA(pl.Callback):
     trained-parameter names must match those of the run that saved the checkpoint.
 
     Each ``trainer.fit`` call without a checkpoint starts a fresh average from the current weights.
-    Sharded strategies (FSDP) are not supported: the average is kept per named (unsharded) parameter.
+
+    Sharded parameters (FSDP2 under :class:`callbacks.FSDP2Strategy`): each process averages its own shards (on
+    ``ema_device``: host memory holds a shard, not the model), swaps them in, and saves them as DTensors in the
+    sharded checkpoint; no process ever gathers the whole model. Other sharding strategies are refused at setup.
 
     Example::
 
@@ -201,7 +209,8 @@ class EMA(pl.Callback):
         self.num_updates = 0  # EMA updates so far: the schedule's step
         self._counted_batches = 0  # training batches that count towards ema_update_interval
         self._last_global_step = 0  # trainer.global_step at the last counted batch (automatic optimization)
-        self._ema: dict[str, torch.Tensor] | None = None  # name -> average, None until fit start
+        self._ema: dict[str, torch.Tensor] | None = None  # name -> average (local shard), None until fit start
+        self._layout: dict[str, Layout] = {}  # name -> layout of a sharded parameter (FSDP2)
         self._pending_state: dict[str, Any] | None = None  # loaded before the averages existed
         self._backup: dict[str, torch.Tensor] | None = None  # live weights while the average is swapped in
         self._validation_swap: Any = None  # the open swapped() context during validation
@@ -272,7 +281,7 @@ class EMA(pl.Callback):
             yield
             return
         params = self._named_trained_params(pl_module)
-        with swap_parameters(params, self._ema) as backup:
+        with swap_parameters(params, self._ema, pl_module) as backup:
             self._backup = backup  # the live weights, read by update() and on_save_checkpoint() meanwhile
             try:
                 yield
@@ -289,7 +298,7 @@ class EMA(pl.Callback):
         params = self._named_trained_params(pl_module)
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self._ema[name])
+                local(p).copy_(self._ema[name])
 
     def update(self, pl_module: torch.nn.Module) -> None:
         """One EMA update with the current decay (the hooks call this; public for custom loops)."""
@@ -302,7 +311,7 @@ class EMA(pl.Callback):
             for name, p in params.items():
                 ema = self._ema[name]
                 # while swapped, the live weights are in the backup
-                src = self._backup[name] if self._backup is not None else p.detach()
+                src = self._backup[name] if self._backup is not None else local(p.detach())
                 src = src.to(device=ema.device, dtype=ema.dtype)
                 if d == 0.0:
                     ema.copy_(src)
@@ -357,7 +366,9 @@ class EMA(pl.Callback):
         sd = checkpoint["state_dict"]
         for name, live in self._backup.items():
             if name in sd:
-                sd[name] = live.to(device=sd[name].device, copy=True)
+                saved = sd[name]
+                layout = Layout(saved) if name in self._layout else None
+                sd[name] = as_saved(live.to(local(saved).device, copy=True), layout)
 
     def state_dict(self) -> dict[str, Any]:
         if self._ema is None and self._pending_state is not None:
@@ -367,7 +378,7 @@ class EMA(pl.Callback):
             "num_updates": self.num_updates,
             "counted_batches": self._counted_batches,
             "last_global_step": self._last_global_step,
-            "ema": {name: t.detach() for name, t in (self._ema or {}).items()},
+            "ema": {name: as_saved(t, self._layout.get(name)) for name, t in (self._ema or {}).items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -397,6 +408,7 @@ class EMA(pl.Callback):
             self._ema = {}
             return
         ema = copy_trained_parameters(pl_module, "EMA", "ema_device", self.ema_device, promote_to_float32=True)
+        self._layout = layouts_of(named_parameters_of(pl_module, ema, "EMA"))
         if not ema:
             rank_zero_warn("EMA: the module has no parameters that require gradients; nothing is averaged.")
         self._ema = ema
@@ -427,14 +439,15 @@ class EMA(pl.Callback):
                     "(checkpoint['callbacks']) to start a fresh average."
                 )
             for name, t in saved.items():
-                if t.shape != self._ema[name].shape:
+                shape = self._layout[name].shape if name in self._layout else self._ema[name].shape
+                if t.shape != shape:
                     raise RuntimeError(
                         f"EMA: checkpoint average {name!r} has shape {tuple(t.shape)}, the parameter has "
-                        f"{tuple(self._ema[name].shape)}."
+                        f"{tuple(shape)}."
                     )
             with torch.no_grad():
                 for name, t in saved.items():
-                    self._ema[name].copy_(t)
+                    self._ema[name].copy_(local_part(t, self._layout.get(name)))
         elif self.enabled and not saved:
             rank_zero_warn(
                 "EMA: the checkpoint holds no averages; starting the average from the loaded weights."

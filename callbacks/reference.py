@@ -33,6 +33,10 @@ from ._swap import (
     check_device_option,
     copy_trained_parameters,
     named_parameters_of,
+    Layout,
+    as_saved,
+    layouts_of,
+    local_part,
     refuse_sharded_parameters,
     swap_parameters,
 )
@@ -74,7 +78,8 @@ class ReferenceModel(pl.Callback):
 
         self._built = False
         self._uses_context = False  # the module's reference_context() is the reference
-        self._ref: dict[str, torch.Tensor] = {}  # name -> frozen reference value (copy mode only)
+        self._ref: dict[str, torch.Tensor] = {}  # name -> frozen reference value (copy mode only; local shards)
+        self._layout: dict[str, Layout] = {}  # name -> layout of a sharded parameter (FSDP2)
         self._pending_state: dict[str, Any] | None = None  # loaded before the reference was built
         self._active = False
 
@@ -107,6 +112,7 @@ class ReferenceModel(pl.Callback):
                 self._built = True
                 return
         ref = copy_trained_parameters(pl_module, "ReferenceModel", "ref_param_device", self.ref_param_device)
+        self._layout = layouts_of(named_parameters_of(pl_module, ref, "ReferenceModel"))
         if not ref:
             rank_zero_warn("ReferenceModel: the module has no parameters that require gradients; the reference "
                            "is the module itself.")
@@ -144,7 +150,7 @@ class ReferenceModel(pl.Callback):
                     with ctx:
                         yield
                 else:
-                    with swap_parameters(self._named_params(pl_module), self._ref):
+                    with swap_parameters(self._named_params(pl_module), self._ref, pl_module):
                         yield
         finally:
             self._active = False
@@ -164,7 +170,7 @@ class ReferenceModel(pl.Callback):
             return self._pending_state
         return {
             "config": {"kl_beta": self.kl_beta, "kl_type": self.kl_type, "ref_param_device": self.ref_param_device},
-            "reference": {name: t.detach() for name, t in self._ref.items()},
+            "reference": {name: as_saved(t, self._layout.get(name)) for name, t in self._ref.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,9 +217,10 @@ class ReferenceModel(pl.Callback):
             )
         with torch.no_grad():
             for name, t in saved.items():
-                if t.shape != self._ref[name].shape:
+                shape = self._layout[name].shape if name in self._layout else self._ref[name].shape
+                if t.shape != shape:
                     raise RuntimeError(
                         f"ReferenceModel: checkpoint reference {name!r} has shape {tuple(t.shape)}, the parameter "
-                        f"has {tuple(self._ref[name].shape)}."
+                        f"has {tuple(shape)}."
                     )
-                self._ref[name].copy_(t)
+                self._ref[name].copy_(local_part(t, self._layout.get(name)))

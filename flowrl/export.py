@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import yaml
 
+from callbacks.fsdp2 import read_whole_checkpoint
+from flowrl.checkpoint import check_checkpoint_files
 from flowrl.errors import ConfigError
 
 __all__ = ["EXPORT_INFO", "export_checkpoint", "export_main", "export_policy", "load_checkpoint_module",
@@ -163,10 +165,10 @@ def _read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
     path = os.fspath(ckpt_path)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint {path!r} does not exist")
-    if os.path.isdir(path):
-        raise ConfigError(f"checkpoint {path!r} is a directory; give the .ckpt file written by flowrl fit")
+    check_checkpoint_files(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_whole_checkpoint(path) if os.path.isdir(path) else torch.load(
+            path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake for the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"{path!r} is not a readable checkpoint ({type(e).__name__}: {first[:200]})") from e

@@ -27,7 +27,11 @@ from flowrl.algorithms import ALGORITHMS, FlowRLModule
 from flowrl.data import PromptDataModule
 from flowrl.dynamics import DYNAMICS, TrainSteps
 from flowrl.errors import ConfigError
+from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
+from flowrl.policy.sharding import check_sharding
 from flowrl.precision import ENV as PRECISION_ENV
+from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
+from flowrl.policy.sharding import check_sharding
 from flowrl.precision import measure_precision, needs_choice
 
 __all__ = ["FlowRLCLI", "expand_config_bases", "explain", "fit_main", "translate_argv", "translate_config"]
@@ -251,6 +255,20 @@ TRAINER_DEFAULTS = {
 }
 
 
+_SPECIAL_CKPT = ("last", "best", "hpc", "registry")  # Lightning finds these itself
+
+
+def _one_version_folder(loggers) -> None:
+    """The default CSV and TensorBoard loggers would each take the next free ``version_N`` (the CSV log in
+    version_0, TensorBoard's in version_1): TensorBoard's goes into the CSV log's folder, under ``tensorboard/``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv = next((lg for lg in loggers if type(lg) is CSVLogger), None)
+    for tb in [lg for lg in loggers if type(lg) is TensorBoardLogger] if csv is not None else []:
+        if (tb.root_dir, tb._version, tb._sub_dir) == (csv.root_dir, None, None):
+            tb._version, tb._sub_dir = csv.version, "tensorboard"
+
+
 class FlowRLCLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("parser_mode", "flowrl")  # the alias table applies to every loaded config
@@ -290,7 +308,30 @@ class FlowRLCLI(LightningCLI):
             if nodes > 1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, list) and len(devices) > 1:
                 os.environ[PRECISION_ENV] = choice.chosen  # the run's other processes start from this environment
             rank_zero_info(choice.line())
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        _one_version_folder(trainer.loggers)
+        if hasattr(self.model, "policy"):
+            check_sharding(self.model.policy, trainer.strategy)  # before any process starts
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a ``--ckpt_path`` file's hyper-parameters into the config here, before any class is built:
+        a checkpoint that cannot be read, or one another algorithm wrote, is refused first, in one line."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in _SPECIAL_CKPT:
+            check_checkpoint_files(ckpt)
+            model = self.config[sub].get("model")
+            if getattr(model, "class_path", None):
+                check_algorithm(ckpt, model.class_path.rpartition(".")[2])
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """A ``--ckpt_path`` that cannot resume this run (truncated, another model, algorithm or number of
+        processes) is refused in one line before any work (:func:`flowrl.checkpoint.check_resume`)."""
+        ckpt = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
+        if ckpt and ckpt not in _SPECIAL_CKPT and hasattr(self.model, "policy"):
+            check_resume(ckpt, self.model, self.trainer.num_nodes * self.trainer.num_devices)
 
     def instantiate_classes(self) -> None:
         """Errors raised while the configured classes are built are configuration errors (no work started)."""
@@ -314,6 +355,8 @@ def fit_main(args: Sequence[str], run: bool = True) -> FlowRLCLI:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
             # Lightning 2.6's own use of a torch.utils._pytree name torch 2.13 deprecates: nothing a user can change
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            # the same for its all_gather (several processes): torch 2.13 deprecates the function Lightning calls
+            warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_gather is deprecated")
             return FlowRLCLI(FlowRLModule, PromptDataModule, subclass_mode_model=True, args=argv, run=run,
                              trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
                              parser_kwargs={"default_env": False})

@@ -49,6 +49,19 @@ def tiny_pipeline_path(tmp_path_factory, tiny_sd3_path):
 
 
 @pytest.fixture()
+def one_process_mesh(tmp_path):
+    """A device mesh over a process group of this process alone (gloo): FSDP2 shards on it as on many (DTensor
+    parameters, all-gathers, reduce-scatters), within the test process; the group ends with the test."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = tmp_path / "process_group_store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    dist.destroy_process_group()
+
+
+@pytest.fixture()
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(TINY_PROMPTS) + "\n")

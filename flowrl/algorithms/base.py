@@ -15,7 +15,7 @@ from callbacks import ReferenceModel
 from flowrl.advantages import resolve_advantage_estimator
 from flowrl.algorithms import metrics, options, rollouts, scores, update
 from flowrl.algorithms.options import EvalConfig, hw
-from flowrl.checkpoint import use_atomic_checkpoints
+from flowrl.checkpoint import check_trained_state, save_trained_state, use_atomic_checkpoints
 from flowrl.dynamics import Dynamics, FlowSDE, TrainSteps
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
@@ -173,6 +173,10 @@ class FlowRLModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
+    def configure_model(self):  # FSDP2 under a ModelParallelStrategy, on its device mesh
+        if self.device_mesh is not None:
+            self.policy.shard(self.device_mesh)
+
     def on_fit_start(self):
         data_group = getattr(getattr(self.trainer, "datamodule", None), "group_size", None)
         if data_group is not None and data_group != self.group_size:
@@ -185,16 +189,10 @@ class FlowRLModule(L.LightningModule):
         metrics.announce(self)
 
     def on_save_checkpoint(self, checkpoint):  # the trained parameters only
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        checkpoint["flowrl_iteration"] = self.iteration
+        save_trained_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint):
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trained - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trained parameters (e.g. {missing[:3]}); "
-                           "it was written for a different finetune_type / LoRA setup")
+        check_trained_state(self, checkpoint)
         self.iteration = checkpoint.get("flowrl_iteration", 0)
 
     def callbacks_of(self, kind: type | Callable[[Any], bool]) -> list:
@@ -294,7 +292,7 @@ class FlowRLModule(L.LightningModule):
         several = update.world_size(self) > 1
         values = self.val_metrics.compute(
             (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if several else None)
-        for key, value in values.items():
-            self.log(key, value, prog_bar=key.endswith("_overall"))
+        for key, value in values.items():  # equal on every process already: sync_dist averages equal values
+            self.log(key, value, prog_bar=key.endswith("_overall"), sync_dist=several)
         self.last_validation_metrics = {k: float(v) for k, v in values.items()}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from torch.distributed.tensor import DTensor
 
 from flowrl.rollout import Rollout
 
@@ -84,6 +85,28 @@ def backward(module, loss: torch.Tensor, sync: bool) -> None:
         module.manual_backward(loss)
 
 
+def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of gradients some of which are FSDP2 shards (DTensors): the shards' squares summed over the
+    processes of their mesh, the whole (replicated) gradients counted once."""
+    import torch.distributed as dist
+
+    squares = torch.zeros((), dtype=torch.float64)
+    whole = torch.zeros((), dtype=torch.float64)
+    group = None
+    for g in grads:
+        if isinstance(g, DTensor):
+            squares += g.to_local().double().pow(2).sum().cpu()
+            group = g.device_mesh.get_group()
+        else:
+            whole += g.double().pow(2).sum().cpu()
+    if group is not None and dist.is_initialized():
+        device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+        squares = squares.to(device)
+        dist.all_reduce(squares, group=group)
+        squares = squares.cpu()
+    return (squares + whole).sqrt().float()
+
+
 class StepGuard:
     """No update from a non-finite loss or gradient, on any process."""
 
@@ -105,8 +128,10 @@ class StepGuard:
         module = self.module
         # The norm is measured before clipping, so an explosion shows in train/grad_norm.
         grads = [p.grad for p in module.policy.trainable_parameters() if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                if grads else torch.zeros(()))
+        sharded = any(isinstance(g, DTensor) for g in grads)
+        norm = sharded_grad_norm(grads) if sharded else (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if grads else torch.zeros(()))
         bad = self.bad_loss is not None or not bool(torch.isfinite(norm))
         if world_size(module) > 1:  # every rank decides alike (sharded gradients may differ in finiteness)
             bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -121,7 +146,10 @@ class StepGuard:
         logs.setdefault("grad_norm", []).append(norm.detach().reshape(-1).cpu())
         clipped = bool(module.max_grad_norm) and bool(norm > module.max_grad_norm)
         logs.setdefault("grad_clipped", []).append(torch.tensor([float(clipped)]))
-        if module.max_grad_norm:
+        if module.max_grad_norm and sharded:  # clip_grad_norm_'s rule, on each process's shards
+            for g in grads:
+                g.to_local().mul_(torch.clamp(module.max_grad_norm / (norm + 1e-6), max=1.0).to(g.dtype))
+        elif module.max_grad_norm:
             module.clip_gradients(optimizer, gradient_clip_val=module.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from flowrl.errors import ConfigError
 from flowrl.plugins import model_alias, model_aliases
 from flowrl.policy.adapter import Conditioning, adapter_for
 from flowrl.policy.prompt_cache import PromptCache
+from flowrl.policy.sharding import FullyShard, shard_policy
 from flowrl.validation import check_number
 
 FINETUNE_TYPES = ("lora", "full")
@@ -54,6 +55,9 @@ class PolicyConfig:
             (Flow-GRPO); false treats it as a constant and saves memory.
         prompt_cache_mb: host memory for prompt embeddings kept across iterations (a prompt seen before is not
             encoded again; the text encoders are frozen, so the result is the same); 0 = encode every batch.
+        fsdp: how FSDP2 shards the denoiser under a sharding strategy (:class:`flowrl.policy.sharding.FullyShard`:
+            param_dtype, reduce_dtype, cpu_offload, reshard_after_forward, blocks); null = its defaults there.
+            Set under another strategy it is an error (it would do nothing).
     """
 
     pretrained_model_name_or_path: str
@@ -70,8 +74,11 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     uncond_gradient: bool = True
     prompt_cache_mb: float = 1024.0
+    fsdp: FullyShard | None = None
 
     def __post_init__(self):
+        if isinstance(self.fsdp, dict):
+            self.fsdp = FullyShard(**self.fsdp)
         if self.finetune_type not in FINETUNE_TYPES:
             raise ConfigError(f"finetune_type={self.finetune_type!r}; choose one of {FINETUNE_TYPES}")
         if self.finetune_type == "lora" and self.lora_rank < 1:
@@ -155,8 +162,11 @@ class FlowMatchingPolicy(nn.Module):
         gradient_checkpointing: bool = False,
         uncond_gradient: bool = True,
         prompt_cache_mb: float = 1024.0,
+        fsdp: FullyShard | dict | None = None,
     ):
         super().__init__()
+        #: FSDP2 options (``None``: the defaults, used only under a sharding strategy); see :meth:`shard`
+        self.fsdp = FullyShard(**fsdp) if isinstance(fsdp, dict) else fsdp
         self.uncond_gradient = uncond_gradient
         if finetune_type not in FINETUNE_TYPES:
             raise ConfigError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
@@ -189,9 +199,13 @@ class FlowMatchingPolicy(nn.Module):
         self._null_cond: Conditioning | None = None
         self.prompt_cache = PromptCache(prompt_cache_mb)
 
+    def shard(self, mesh) -> None:
+        """FSDP2 on ``mesh`` (the strategy's data-parallel mesh): see :mod:`flowrl.policy.sharding`."""
+        shard_policy(self, mesh, self.fsdp or FullyShard())
+
     @classmethod
     def from_config(cls, config: PolicyConfig) -> FlowMatchingPolicy:
-        kwargs = asdict(config)
+        kwargs = asdict(config) | {"fsdp": config.fsdp}
         for key in ("pretrained_model_name_or_path", "revision", "variant"):
             kwargs.pop(key)
         return cls(_load_pipeline(config), **kwargs)

@@ -60,14 +60,22 @@ class Record:
                                     | {"prompts": list(batch["prompt"])})
 
             def on_train_start(self, trainer, module):
-                if trainer.world_size > 1:  # Lightning registers comm hooks only on CUDA: register it here
+                if trainer.world_size > 1 and hasattr(trainer.strategy.model, "register_comm_hook"):
+                    # DDP: Lightning registers comm hooks only on CUDA: register it here
                     trainer.strategy.model.register_comm_hook(state=None, hook=counting_allreduce_hook)
 
             def on_fit_end(self, trainer, module):
-                params = [p.detach().double() for p in module.policy.trainable_parameters()]
+                from callbacks import EMA
+
+                whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 (FSDP2 shards)
+                params = [whole(p.detach()).double() for p in module.policy.trainable_parameters()]
+                ema = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+                averages = [whole(t).double() for t in ema[0].state_dict()["ema"].values()] if ema else []
                 with open(os.path.join(record.out, f"rank{trainer.global_rank}.json"), "w") as f:
                     json.dump({"checksum": float(sum(p.sum() for p in params)),
                                "abs_checksum": float(sum(p.abs().sum() for p in params)),
+                               "ema_checksum": float(sum(t.abs().sum() for t in averages)),
+                               "strategy": type(trainer.strategy).__name__,
                                "global_step": trainer.global_step, "world_size": trainer.world_size,
                                "buckets": BUCKETS["n"], "backwards": BACKWARDS, "advantages": ADVANTAGES,
                                "steps": record.steps}, f)
@@ -110,7 +118,9 @@ def main():
     FlowRLModule.compute_advantages = recorded_advantages
     cli = cli_module.main(args, run=False)
     trainer = cli.trainer
-    assert trainer.world_size == 1 or isinstance(trainer.strategy, DDPStrategy)
+    from callbacks import FSDP2Strategy
+
+    assert trainer.world_size == 1 or isinstance(trainer.strategy, (DDPStrategy, FSDP2Strategy))
     trainer.callbacks.append(Record(out)())
     trainer.fit(cli.model, datamodule=cli.datamodule)
 

@@ -27,19 +27,39 @@ def main():
     from flowrl.cli import main as flowrl_main
 
     out, config, *rest = sys.argv[1:]
-    kill_after = None
+    kill_after = kill_during_save = None
     if "--kill-after" in rest:
         i = rest.index("--kill-after")
         kill_after = int(rest[i + 1])
         del rest[i:i + 2]
+    if "--kill-during-save" in rest:  # SIGKILL once step K's last.ckpt shards are written, before its index
+        i = rest.index("--kill-during-save")
+        kill_during_save = int(rest[i + 1])
+        del rest[i:i + 2]
+        import lightning.fabric.strategies.model_parallel as model_parallel
+
+        real_save = model_parallel._distributed_checkpoint_save
+
+        def save_then_die(state, path):
+            real_save(state, path)
+            if path.name.startswith("last.ckpt") and kill_during_save_step[0] == kill_during_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model_parallel._distributed_checkpoint_save = save_then_die
+    kill_during_save_step = [None]
     os.makedirs(out, exist_ok=True)
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("a red circle\ntwo blue squares\na green triangle\nthree yellow circles\na purple square\n"
                 "a red circle left of a blue square\n")
 
-    class Record(L.Callback):
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 (FSDP2 shards)
+
+    class Record(L.Callback):  # process 0 writes (every process takes part in gathering the shards)
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            kill_during_save_step[0] = trainer.global_step
+            if not trainer.is_global_zero:
+                return
             metrics = trainer.callback_metrics
             row = {k: float(metrics[k]) for k in KEYS if k in metrics}
             row.update(step=trainer.global_step, prompts=list(batch["prompt"]))
@@ -47,11 +67,13 @@ def main():
                 f.write(json.dumps(row) + "\n")
 
         def on_train_end(self, trainer, module):
-            params = [p.detach().double() for p in module.policy.trainable_parameters()]
+            params = [whole(p.detach()).double() for p in module.policy.trainable_parameters()]
             ema = [c for c in trainer.callbacks if type(c).__name__ == "EMA"]
             row = {"final_checksum": float(sum(p.sum() for p in params)),
-                   "ema_checksum": float(sum(t.double().sum() for t in ema[0].state_dict()["ema"].values()))
+                   "ema_checksum": float(sum(whole(t).double().sum() for t in ema[0].state_dict()["ema"].values()))
                    if ema and ema[0].state_dict().get("ema") else None}
+            if not trainer.is_global_zero:
+                return
             with open(os.path.join(out, "steps.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 

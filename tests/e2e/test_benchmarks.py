@@ -94,3 +94,18 @@ def test_memory_counts_one_configuration(tmp_path):
     assert lora["reference_mib"] == 0  # the adapter-disabled network is the reference: no copy
     assert 0 < lora["gradients_mib"] < lora["parameters_mib"]
     assert lora["optimizer_mib"] == pytest.approx(2 * lora["gradients_mib"], abs=0.02)  # AdamW: two moments
+
+
+def test_memory_of_two_fsdp2_processes_is_half_of_one_each(tmp_path):
+    """Full fine-tuning with EMA and a full-copy reference on 2 FSDP2 processes: the two processes' parameters,
+    gradients, optimizer state, EMA and reference add up to the model's (each holds its shards)."""
+    bench = _load("memory")
+    path = tmp_path / "model"
+    bench.build(path, layers=2, width=64)
+    rows = bench.run_one("full_ema_reference", str(path), 2)
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["processes"] == 2 for r in rows)
+    whole = rows[0]["transformer_parameters"] * 4 / 2**20  # float32
+    for key in ("parameters_mib", "gradients_mib", "ema_mib", "reference_mib"):
+        assert sum(r[key] for r in rows) == pytest.approx(whole, abs=0.02), key
+        assert all(r[key] < 0.6 * whole for r in rows), key
+    assert sum(r["optimizer_mib"] for r in rows) == pytest.approx(2 * whole, abs=0.04)  # AdamW: two moments

@@ -16,12 +16,13 @@ GRPO = os.path.join(ROOT, "lightning_configs", "toy", "grpo.yaml")
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
 
 
-def launch(out, *overrides, processes=2):
+def launch(out, *overrides, processes=2, config=GRPO, strategy=DDP):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "e2e")]),
            "OMP_NUM_THREADS": "1"}  # one thread per process: the runs of this file go at once on two cores
     out.mkdir(parents=True)
-    strategy = DDP if processes == 2 else ["--trainer.devices=1", "--trainer.accelerator=cpu"]
-    return subprocess.Popen([sys.executable, SCRIPT, str(out), GRPO, *strategy, *overrides], env=env,
+    strategy = strategy if processes == 2 else ["--trainer.devices=1", "--trainer.accelerator=cpu"]
+    root = f"--trainer.default_root_dir={out / 'root'}"  # each run its own checkpoints
+    return subprocess.Popen([sys.executable, SCRIPT, str(out), config, *strategy, root, *overrides], env=env,
                             cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -36,14 +37,16 @@ def wait(process, out, timeout=240):
     return process.returncode, stderr, ranks
 
 
-def world_size_runs(tmp_path):
+def world_size_runs(tmp_path, config=GRPO, strategy=DDP, *overrides):
     return {"one": launch(tmp_path / "one", "--data.batch_size=8", "--model.train_batch_size=2",
-                          "--model.gradient_accumulation_steps=4", processes=1),
+                          "--model.gradient_accumulation_steps=4", *overrides, processes=1, config=config),
             "ok": launch(tmp_path / "ok", "--data.batch_size=4", "--model.train_batch_size=2",
-                         "--model.gradient_accumulation_steps=2")}
+                         "--model.gradient_accumulation_steps=2", *overrides, config=config, strategy=strategy)}
 
 
 def check_world_size_invariance(runs, tmp_path):
+    """The run of one process and the run of two on the same global batch: the same samples, rewards and
+    advantages every iteration, the same weights (and EMA average) after two optimizer steps."""
     import torch
 
     rc1, err1, (single,) = wait(runs["one"], tmp_path / "one")
@@ -58,6 +61,8 @@ def check_world_size_invariance(runs, tmp_path):
     assert any(abs(a) > 0.1 for a in both["advantages"])  # something to learn from
     assert single["checksum"] == pytest.approx(ranks[0]["checksum"], rel=1e-8, abs=1e-6)
     assert single["abs_checksum"] == pytest.approx(ranks[0]["abs_checksum"], rel=1e-8)
+    assert single["ema_checksum"] == pytest.approx(ranks[0]["ema_checksum"], rel=1e-8)
+    return single, ranks
 
 
 def test_two_processes_give_the_run_of_one_and_stop_together(tmp_path):

@@ -204,7 +204,7 @@ def tiny_lora_checkpoint(tiny_sd3_path, tmp_path_factory):
         ("lora.ckpt", ["--model.policy.finetune_type=full"], "not in it"),
         ("lora.ckpt", ["--model.policy.target_modules=[attn.to_q]"], "not trained by the config"),
         ("lora.ckpt", ["--ema"], "no EMA state"),
-        ("garbage.ckpt", [], "not a readable checkpoint"),
+        ("garbage.ckpt", [], "is truncated or not a checkpoint"),
         ("lora.ckpt", ["--no_such_flag"], "unrecognized arguments"),
     ],
     ids=["rank", "finetune_type", "targets", "ema", "garbage", "flag"],

@@ -36,3 +36,7 @@ def test_the_first_lines_of_the_main_job_are_clean(tmp_path):
     text = "\n".join(lines)
     assert "flowrl: trainer.precision not set" in text or "precision" in text  # the precision it runs in
     assert "[flowrl] NFT: 587,152 of 669,655 parameters trained (full), dynamics ODE" in text
+    # one folder for the run's logs: the CSV log and TensorBoard's (under tensorboard/), not version_0 and version_1
+    logs = tmp_path / "runs" / "toy-nft" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    assert (logs / "version_0" / "metrics.csv").is_file() and any((logs / "version_0" / "tensorboard").iterdir())

@@ -68,6 +68,36 @@ class FamilyContract:
         assert rollout.images.shape == (4, *self.image_shape)
         assert_on_policy_ratios_are_one(module, rollout, ADV)
 
+    @pytest.mark.parametrize("finetune_type, frozen_dtype", [("lora", "float32"), ("lora", "bfloat16"),
+                                                             ("full", "float32")])
+    def test_fsdp2_shards_every_block_and_keeps_samples_ratios_and_gradients(self, path, one_process_mesh,
+                                                                             finetune_type, frozen_dtype):
+        """``fully_shard`` on the family's repeated blocks (as diffusers declares them) and on the denoiser: the
+        same rollout as unsharded, on-policy ratios exactly 1, the same gradients (as DTensor shards)."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        from flowrl.policy.sharding import sharded_block_classes
+
+        kw = {"finetune_type": finetune_type, "frozen_dtype": frozen_dtype, "clip_range": 1e-2,
+              "noise_level": self.noise_level}
+        plain, sharded = self.make(GRPO, path, **kw), self.make(GRPO, path, **kw)
+        sharded.policy.load_state_dict(plain.policy.state_dict())
+        sharded.policy.shard(one_process_mesh)
+        blocks = [m for m in sharded.policy.transformer.modules()
+                  if isinstance(m, tuple(sharded_block_classes(sharded.policy.transformer)))]
+        assert blocks and all(isinstance(m, FSDPModule) for m in [*blocks, sharded.policy.transformer])
+        assert all(isinstance(p, DTensor) for p in sharded.policy.transformer.parameters())
+        rollouts = [m.rollout(self.prompts) for m in (plain, sharded)]
+        torch.testing.assert_close(rollouts[1].latents, rollouts[0].latents, rtol=1e-5, atol=1e-6)
+        assert_on_policy_ratios_are_one(sharded, rollouts[1], ADV)
+        grads = []
+        for module, rollout in zip((plain, sharded), rollouts):
+            module.training_loss(rollout, ADV, torch.arange(4), 0)["loss"].backward()
+            grads.append({n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                          for n, p in module.policy.named_trainable_parameters()})
+        assert_same_gradients(grads[0], grads[1])
+
     @pytest.mark.parametrize("cls, finetune_type, extra", [
         (GRPO, "lora", {}), (NFT, "lora", {"num_train_timesteps": 1}), (AWM, "lora", {"num_train_timesteps": 1}),
         (GRPO, "full", {}),
