@@ -191,8 +191,10 @@ def _config_chain(config: str, seen: tuple[str, ...]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- errors
 def options_of(cls) -> set[str]:
-    """The ``__init__`` options of ``cls``, following ``**kwargs`` to the parents (as jsonargparse does)."""
+    """The ``__init__`` options of ``cls``, following ``**kwargs`` to the parents (as jsonargparse does), less those
+    a class fixes for its parent (``fixed_options``: jsonargparse reads them from the ``super().__init__`` call)."""
     names: set[str] = set()
+    fixed = {o for klass in cls.__mro__ for o in getattr(klass, "fixed_options", ())}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -201,7 +203,7 @@ def options_of(cls) -> set[str]:
         names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return names
+    return names - fixed
 
 
 def _owners(option: str) -> list[str]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 
-__all__ = ["load_plugins", "model_alias", "model_aliases", "prompt_set", "register_model_alias", "register_prompt_sets"]
+__all__ = ["load_plugins", "model_alias", "model_aliases", "preference_set", "prompt_set", "register_model_alias",
+           "register_preference_sets", "register_prompt_sets"]
 
 _MODEL_ALIASES: dict[str, Callable[[], str]] = {}
 _PROMPT_SETS: dict[str, Callable[[str], str]] = {}
+_PREFERENCE_SETS: dict[str, Callable[[str], str]] = {}
 _loaded = False
 
 
@@ -25,6 +27,11 @@ def register_model_alias(alias: str, resolve: Callable[[], str]) -> None:
 def register_prompt_sets(prefix: str, resolve: Callable[[str], str]) -> None:
     """A prompt source ``<prefix>:<name>`` is the prompt file ``resolve(name)``."""
     _PROMPT_SETS[prefix] = resolve
+
+
+def register_preference_sets(prefix: str, resolve: Callable[[str], str]) -> None:
+    """A preference set ``<prefix>:<name>`` is the JSONL file ``resolve(name)`` (prompt, chosen, rejected)."""
+    _PREFERENCE_SETS[prefix] = resolve
 
 
 def load_plugins() -> None:
@@ -58,3 +65,13 @@ def prompt_set(source: str) -> str | None:
     if prefix not in _PROMPT_SETS:
         load_plugins()
     return _PROMPT_SETS[prefix](name) if prefix in _PROMPT_SETS else None
+
+
+def preference_set(source: str) -> str | None:
+    """The JSONL file of a preference set ``<prefix>:<name>``, or None when ``source`` names none."""
+    prefix, sep, name = source.partition(":")
+    if not sep:
+        return None
+    if prefix not in _PREFERENCE_SETS:
+        load_plugins()
+    return _PREFERENCE_SETS[prefix](name) if prefix in _PREFERENCE_SETS else None

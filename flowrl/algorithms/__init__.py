@@ -2,12 +2,19 @@
 
 from flowrl.algorithms.awm import AWM
 from flowrl.algorithms.base import EvalConfig, FlowRLModule
+from flowrl.algorithms.crd import CRD
 from flowrl.algorithms.decoupled import DecoupledModule
+from flowrl.algorithms.dgpo import DGPO
+from flowrl.algorithms.dpo import DiffusionDPO, OfflineDPO
+from flowrl.algorithms.dppo import FlowDPPO
 from flowrl.algorithms.grpo import GRPO
 from flowrl.algorithms.grpo_guard import GRPOGuard
 from flowrl.algorithms.nft import NFT
 from flowrl.rollout import Rollout
 
-ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO, "grpo-guard": GRPOGuard, "nft": NFT, "awm": AWM}
+ALGORITHMS: dict[str, type[FlowRLModule]] = {"grpo": GRPO, "grpo-guard": GRPOGuard, "nft": NFT, "awm": AWM,
+                                             "dppo": FlowDPPO, "dgpo": DGPO, "crd": CRD,
+                                             "dpo": DiffusionDPO}
 
-__all__ = ["ALGORITHMS", "AWM", "DecoupledModule", "EvalConfig", "FlowRLModule", "GRPO", "GRPOGuard", "NFT", "Rollout"]
+__all__ = ["ALGORITHMS", "AWM", "CRD", "DGPO", "DecoupledModule", "DiffusionDPO", "EvalConfig", "FlowDPPO",
+           "FlowRLModule", "GRPO", "GRPOGuard", "NFT", "OfflineDPO", "Rollout"]

@@ -367,3 +367,12 @@ def awm_loss(
         "kl_loss": kl.detach().to(torch.float32),
         "ema_kl_loss": ema_kl.detach().to(torch.float32),
     }
+
+
+# The newer algorithms' losses, each in its own module (imported last: they use the helpers above).
+from flowrl.losses.crd import CRD_LOSS_TYPES, crd_loss, implicit_reward  # noqa: E402
+from flowrl.losses.dgpo import dgpo_loss, dsm_error  # noqa: E402
+from flowrl.losses.dpo import denoising_error, dpo_loss, dpo_pairs  # noqa: E402
+from flowrl.losses.dppo import dppo_loss, transition_kl  # noqa: E402
+
+__all__ += ["CRD_LOSS_TYPES", "crd_loss", "denoising_error", "dgpo_loss", "dpo_loss", "dpo_pairs", "dppo_loss", "dsm_error", "implicit_reward", "transition_kl"]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from flowrl.plugins import register_model_alias, register_prompt_sets
+from flowrl.plugins import register_model_alias, register_preference_sets, register_prompt_sets
 
 TOY_DIR = Path(__file__).resolve().parent
 TOY_CHECKPOINT = TOY_DIR / "checkpoint"
@@ -15,4 +15,5 @@ TOY_EVAL_PROMPTS = TOY_DIR / "prompts" / "eval.txt"
 # reward (``shapes``, registered when flowrl.toy.verifier is imported).
 register_model_alias("flowrl:toy", lambda: str(TOY_CHECKPOINT))
 register_prompt_sets("toy", lambda name: str(TOY_DIR / "prompts" / f"{name}.txt"))
+register_preference_sets("toy", lambda name: str(TOY_DIR / "preferences" / f"{name}.jsonl"))
 from flowrl.toy import verifier  # noqa: E402,F401  (registers the shapes reward)

@@ -136,11 +136,18 @@ OUT_OF_RANGE = {
     "nft_beta": ({"nft_beta": 0.0}, None),
     "ghuber_power": ({"ghuber_power": 0.0}, None),
     "ema_kl_beta": ({"ema_kl_beta": -0.1}, None),
+    "kl_mask_threshold": ({"kl_mask_threshold": 0.0}, None),
+    "dpo_beta": ({"dpo_beta": 0.0}, None),
+    "crd_beta": ({"crd_beta": -1.0}, None),
+    "kl_cfg": ({"kl_cfg": 0.5}, None),
+    "weight_temp": ({"weight_temp": float("nan")}, None),
 }
 #: options without a numeric range (choices, booleans, objects, any integer seed)
 NOT_NUMERIC = {"policy", "rewards", "dynamics", "step_selection", "global_std", "same_initial_noise", "optimizer",
                "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
-               "advantage_estimator", "on_reward_error", "async_rewards"}
+               "advantage_estimator", "on_reward_error", "async_rewards", "add_kl_coefficient", "clip_dsm",
+               "use_ema_ref", "use_shared_noise", "adaptive_logp", "reward_adaptive_kl", "crd_loss_type",
+               "ref_param_device"}
 MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or depends on the schedule
     ("noise_level", {"noise_level": 1.5}),  # Flow-SDE: above sqrt(2)
     ("noise_level", {"noise_level": -0.1}),

@@ -25,7 +25,7 @@ from flowrl.cli import main
 from flowrl.toy import TOY_CHECKPOINT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm"]
+CONFIGS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm", "dppo", "dgpo", "dpo"]
 
 # The short run: two single-object prompts the shipped model gets partly right (eval reward about 0.3: it often
 # draws the other shape), each listed twice so that an iteration holds four groups of 8 (DanceGRPO starts a whole
@@ -128,7 +128,7 @@ def test_toy_config_raises_the_reward(name, tmp_path, monkeypatch):
     assert cli.model.iteration == SETTINGS["iterations"]
     # the first update of an iteration reproduces the rollout exactly (on-policy; an off-policy config's
     # ratio is against the EMA sampler, which equals the live weights only before the first update)
-    if name != "nft":  # NFT has no probability ratio
+    if name not in ("nft", "dgpo", "dpo"):  # NFT, DGPO and DPO have no probability ratio
         on_policy = not any(isinstance(cb, OffPolicySampling) and cb.off_policy for cb in cli.trainer.callbacks)
         checked = ratios.values if on_policy else ratios.values[:1]
         assert len(ratios.values) == SETTINGS["iterations"] and checked and all(v == 0.0 for v in checked), ratios.values
