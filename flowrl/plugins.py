@@ -57,21 +57,20 @@ def model_aliases() -> list[str]:
     return sorted(_MODEL_ALIASES)
 
 
-def prompt_set(source: str) -> str | None:
-    """The file of a prompt set ``<prefix>:<name>``, or None when ``source`` names none."""
+def _named_file(table: dict[str, Callable[[str], str]], source: str) -> str | None:
     prefix, sep, name = source.partition(":")
     if not sep:
         return None
-    if prefix not in _PROMPT_SETS:
+    if prefix not in table:
         load_plugins()
-    return _PROMPT_SETS[prefix](name) if prefix in _PROMPT_SETS else None
+    return table[prefix](name) if prefix in table else None
+
+
+def prompt_set(source: str) -> str | None:
+    """The file of a prompt set ``<prefix>:<name>``, or None when ``source`` names none."""
+    return _named_file(_PROMPT_SETS, source)
 
 
 def preference_set(source: str) -> str | None:
     """The JSONL file of a preference set ``<prefix>:<name>``, or None when ``source`` names none."""
-    prefix, sep, name = source.partition(":")
-    if not sep:
-        return None
-    if prefix not in _PREFERENCE_SETS:
-        load_plugins()
-    return _PREFERENCE_SETS[prefix](name) if prefix in _PREFERENCE_SETS else None
+    return _named_file(_PREFERENCE_SETS, source)

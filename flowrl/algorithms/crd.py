@@ -130,11 +130,9 @@ class CRD(WholeGroups, DecoupledModule):
         return units
 
     def training_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int):
-        groups = self.micro_batch_groups(rollout, idx)
-        x_t, x0, eps, t = self.noised(rollout, idx, k)
-        v = self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
+        groups, v, target, t = self.group_velocity(rollout, idx, k)
         forward = rollout.forward
-        out = crd_loss(v, self._frozen(forward.v_old, idx, k), eps - x0, advantages[idx], groups, self.crd_beta,
+        out = crd_loss(v, self._frozen(forward.v_old, idx, k), target, advantages[idx], groups, self.crd_beta,
                        self.adv_clip_range, self.adaptive_logp, self.crd_loss_type, self.weight_temp,
                        self._frozen(forward.v_ref, idx, k), self._kl_beta(), self.reward_adaptive_kl)
         out["train_time_mean"] = t.detach().float().mean()

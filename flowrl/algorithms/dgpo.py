@@ -113,6 +113,14 @@ class WholeGroups:
                 "groups, consecutive) and a train_batch_size that is a multiple of group_size")
         return groups
 
+    def group_velocity(self, rollout: Rollout, idx: torch.Tensor, k: int):
+        """``(groups, v, target, t)`` of micro-batch ``idx`` at training unit ``k``: its (whole) groups' labels, the
+        trained velocity at the re-noised latents and the flow-matching target ``eps - x0``."""
+        groups = self.micro_batch_groups(rollout, idx)
+        x_t, x0, eps, t = self.noised(rollout, idx, k)
+        v = self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
+        return groups, v, eps - x0, t
+
     def group_leaders(self, rollout: Rollout) -> torch.Tensor:
         """``(B,)`` the index of each sample's group's first sample in this process's batch."""
         labels = rollout.group_ids
@@ -202,13 +210,11 @@ class DGPO(WholeGroups, DecoupledModule):
         return units
 
     def training_loss(self, rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: int):
-        groups = self.micro_batch_groups(rollout, idx)
-        x_t, x0, eps, t = self.noised(rollout, idx, k)
-        v = self.policy.velocity(x_t, t, self._cond(rollout, idx), self.train_guidance_scale)
+        groups, v, target, t = self.group_velocity(rollout, idx, k)
         forward = rollout.forward
         v_old = self._frozen(forward.v_old, idx, k)
         v_ref = self._frozen(forward.v_ref, idx, k)
-        out = dgpo_loss(v, v_old if self.use_ema_ref else v_ref, eps - x0, advantages[idx], groups, self.group_size,
+        out = dgpo_loss(v, v_old if self.use_ema_ref else v_ref, target, advantages[idx], groups, self.group_size,
                         self.dpo_beta, self.adv_clip_range, v_old=v_old if self.clip_dsm else None,
                         clip_range=self.clip_range, v_kl_ref=v_ref, kl_beta=self._kl_beta())
         out["train_time_mean"] = t.detach().float().mean()
