@@ -278,12 +278,20 @@ CONTRACTS = {"sd3": test_sd3.TestSD3Contract, "flux": test_flux.TestFluxContract
              "qwen_image": test_qwen_image.TestQwenImageContract, "wan": test_wan.TestWanContract}
 
 
+class MeanBrightness:
+    """A reward with continuous values (JPEG sizes are whole bytes: two samples of a tiny model can tie, and a tied
+    group forms no pair)."""
+
+    def __call__(self, images, prompts):
+        return images.float().flatten(1).mean(1)
+
+
 @pytest.mark.parametrize("family", list(CONTRACTS))
 def test_one_optimizer_step_with_lora(family, tiny_pipeline_path, prompt_file):
     """Online DPO through Lightning on every family's tiny pipeline: the adapters move, the loss is finite."""
     contract = CONTRACTS[family]()
     module = contract.make(DiffusionDPO, tiny_pipeline_path(family), train_batch_size=4, num_train_timesteps=1,
-                           dpo_beta=100.0)
+                           dpo_beta=100.0, rewards=[RewardSpec(reward_class="test_dpo.MeanBrightness")])
     trained = dict(module.policy.named_trainable_parameters())
     assert trained and all("lora" in n for n in trained)
     before = {n: p.detach().clone() for n, p in trained.items()}
