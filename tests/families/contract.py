@@ -16,11 +16,21 @@ from tiny import (
     randomize_lora,
 )
 
-from flowrl.algorithms import AWM, GRPO, NFT
+from callbacks import ReferenceModel
+from flowrl.algorithms import AWM, CRD, DGPO, GRPO, NFT, DiffusionDPO, FlowDPPO
 from flowrl.policy import PolicyConfig
+from flowrl.rewards import WeightedReward
 
 PROMPTS = ["a red circle"] * 2 + ["two blue squares"] * 2
 ADV = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+
+class MeanBrightness:
+    """Mean brightness of each image or video: continuous values (JPEG sizes are whole bytes, and two samples of a
+    tiny model can tie: a tied group of two forms no DPO pair)."""
+
+    def __call__(self, images, prompts):
+        return images.float().reshape(images.shape[0], -1).mean(1)
 
 
 class FamilyContract:
@@ -100,13 +110,19 @@ class FamilyContract:
 
     @pytest.mark.parametrize("cls, finetune_type, extra", [
         (GRPO, "lora", {}), (NFT, "lora", {"num_train_timesteps": 1}), (AWM, "lora", {"num_train_timesteps": 1}),
-        (GRPO, "full", {}),
-    ], ids=["grpo-lora", "nft-lora", "awm-lora", "grpo-full"])
+        (GRPO, "full", {}), (FlowDPPO, "lora", {}), (DGPO, "lora", {"num_train_timesteps": 1}),
+        (CRD, "lora", {"num_train_timesteps": 1}), (DiffusionDPO, "lora", {"num_train_timesteps": 1, "dpo_beta": 100.0}),
+    ], ids=["grpo-lora", "nft-lora", "awm-lora", "grpo-full", "dppo-lora", "dgpo-lora", "crd-lora", "dpo-lora"])
     def test_one_optimizer_step(self, path, prompt_file, cls, finetune_type, extra):
         """An optimizer step through Lightning moves the trained parameters, and only those: the adapters (LoRA) or
-        the whole denoiser (full fine-tuning)."""
-        if cls is GRPO:
+        the whole denoiser (full fine-tuning); nothing else of the pipeline moves."""
+        callbacks = []
+        if cls.needs_log_prob:  # SDE rollouts at the family's noise level
             extra = {"noise_level": self.noise_level, **extra}
+        if cls is CRD:  # its KL anchor at the family's guidance, a reference to anchor to
+            extra, callbacks = {"kl_cfg": self.guidance, **extra}, [ReferenceModel(kl_beta=0.1)]
+        if cls is DiffusionDPO and self.rewards() is None:  # distinct rewards in every group: a pair in each
+            extra = {"rewards": WeightedReward({"brightness": MeanBrightness()}, {"brightness": 1.0}), **extra}
         module = self.make(cls, path, finetune_type=finetune_type, train_batch_size=4, **extra)
         trained = dict(module.policy.named_trainable_parameters())
         if finetune_type == "full":
@@ -114,10 +130,15 @@ class FamilyContract:
                 p.numel() for p in module.policy.transformer.parameters())
         else:
             assert trained and all("lora" in n for n in trained)
-        before = {n: p.detach().clone() for n, p in trained.items()}
-        trainer = fit_one_iteration(module, prompt_file)
+        before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+        trainer = fit_one_iteration(module, prompt_file, callbacks=callbacks)
         assert trainer.global_step >= 1 and torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
-        assert any(not torch.equal(p, before[n]) for n, p in module.policy.named_trainable_parameters())
+        after = dict(module.policy.named_parameters())
+        assert after.keys() == before.keys()
+        moved = {n for n in before if not torch.equal(after[n], before[n])}
+        assert moved and moved <= set(trained), sorted(moved - set(trained))[:5]
+        if cls is DiffusionDPO:
+            assert trainer.logged_metrics["train/dpo_pairs"] == 2.0  # two groups of two with distinct rewards
         self.check_rewarded(module)
 
     @pytest.mark.parametrize("finetune_type", ["lora", "full"])
