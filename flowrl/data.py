@@ -135,7 +135,33 @@ def validate_group_batch(group_size: int, batch_size: int) -> None:
         )
 
 
-class PromptDataModule(L.LightningDataModule):
+class ValidationPrompts(L.LightningDataModule):
+    """What every flowrl DataModule shares: validation prompts, ``val_samples_per_prompt`` times each, split across
+    processes, and this process's rank and the number of processes."""
+
+    def _set_validation(self, val_prompts: PromptSource | None, max_val_prompts: int | None, val_batch_size: int,
+                        val_samples_per_prompt: int, num_workers: int) -> None:
+        self.val_prompts = load_prompts(val_prompts, "data.val_prompts") if val_prompts is not None else None
+        if self.val_prompts is not None and max_val_prompts is not None:
+            self.val_prompts = self.val_prompts[:max_val_prompts]
+        self.val_batch_size, self.val_samples_per_prompt = val_batch_size, val_samples_per_prompt
+        self.num_workers = num_workers
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_prompts is None:
+            return []
+        rank, world = self._rank_world()
+        keys = [(i, i) for i in range(len(self.val_prompts)) for _ in range(self.val_samples_per_prompt)]
+        keys = keys[rank::world]
+        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.val_batch_size, sampler=keys,
+                          collate_fn=collate_prompts, num_workers=self.num_workers)
+
+
+class PromptDataModule(ValidationPrompts):
     """Training prompts in whole groups; validation prompts ``val_samples_per_prompt`` times each.
 
     Args:
@@ -166,16 +192,8 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         validate_group_batch(group_size, batch_size)
         self.train_prompts = load_prompts(train_prompts, "data.train_prompts")
-        self.val_prompts = load_prompts(val_prompts, "data.val_prompts") if val_prompts is not None else None
-        if self.val_prompts is not None and max_val_prompts is not None:
-            self.val_prompts = self.val_prompts[:max_val_prompts]
-        self.group_size, self.batch_size = group_size, batch_size
-        self.val_batch_size, self.val_samples_per_prompt = val_batch_size, val_samples_per_prompt
-        self.seed, self.num_workers = seed, num_workers
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers)
+        self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
 
     def state_dict(self) -> dict:
         """How many training batches the run has taken: a resumed run continues with the next one, not with the
@@ -205,12 +223,3 @@ class PromptDataModule(L.LightningDataModule):
                                     world, start=getattr(self, "_start", 0))
         return DataLoader(PromptDataset(self.train_prompts), batch_sampler=sampler, collate_fn=collate_prompts,
                           num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_prompts is None:
-            return []
-        rank, world = self._rank_world()
-        keys = [(i, i) for i in range(len(self.val_prompts)) for _ in range(self.val_samples_per_prompt)]
-        keys = keys[rank::world]
-        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.val_batch_size, sampler=keys,
-                          collate_fn=collate_prompts, num_workers=self.num_workers)

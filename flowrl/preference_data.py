@@ -17,12 +17,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from flowrl.data import PromptDataset, PromptSource, collate_prompts, load_prompts
+from flowrl.data import PromptSource, ValidationPrompts
 from flowrl.errors import ConfigError
 from flowrl.plugins import preference_set
 from flowrl.validation import check_number
@@ -136,7 +135,7 @@ def collate_pairs(items: list[dict]) -> dict:
             "rejected": torch.stack([it["rejected"] for it in items])}
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(ValidationPrompts):
     """Offline preference pairs for :class:`flowrl.algorithms.dpo.OfflineDPO`; validation prompts as
     :class:`flowrl.data.PromptDataModule` serves them.
 
@@ -178,28 +177,13 @@ class PreferenceDataModule(L.LightningDataModule):
         check_number("data.num_workers", num_workers, 0)
         self.resolution = (int(height), int(width))
         self.pairs = load_preference_pairs(train_pairs, *self.resolution)
-        self.val_prompts = load_prompts(val_prompts, "data.val_prompts") if val_prompts is not None else None
-        if self.val_prompts is not None and max_val_prompts is not None:
-            self.val_prompts = self.val_prompts[:max_val_prompts]
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        self.val_samples_per_prompt, self.shuffle = val_samples_per_prompt, shuffle
-        self.seed, self.num_workers = seed, num_workers
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = DistributedSampler(PreferenceDataset(self.pairs), num_replicas=world, rank=rank,
-                                     shuffle=self.shuffle, seed=self.seed, drop_last=False)
-        return DataLoader(PreferenceDataset(self.pairs), batch_size=self.batch_size, sampler=sampler,
-                          collate_fn=collate_pairs, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_prompts is None:
-            return []
-        rank, world = self._rank_world()
-        keys = [(i, i) for i in range(len(self.val_prompts)) for _ in range(self.val_samples_per_prompt)]
-        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.val_batch_size, sampler=keys[rank::world],
-                          collate_fn=collate_prompts, num_workers=self.num_workers)
+        dataset = PreferenceDataset(self.pairs)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.seed,
+                                     drop_last=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_pairs,
+                          num_workers=self.num_workers)
