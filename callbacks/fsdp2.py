@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME, _is_sharded_checkpoint
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 __all__ = ["FSDP2Strategy", "read_whole_checkpoint"]
 
-_MARKER = "__sharded_callback_tensor__"
+_MARKER = "__sharded_callback_tensor__:"  # + its key: what stands in the pickled metadata for a DTensor
 _KEY = "sharded_callback_state"
 
 
@@ -38,51 +39,31 @@ def _split(obj: Any, found: dict[str, Any]) -> Any:
     """``obj`` with each DTensor replaced by a marker; the DTensors collected in ``found`` under the marker's key."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(obj, DTensor):
+    def mark(tensor):
         key = str(len(found))
-        found[key] = obj
-        return {_MARKER: key}
-    if isinstance(obj, dict):
-        return {k: _split(v, found) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_split(v, found) for v in obj)
-    return obj
+        found[key] = tensor
+        return _MARKER + key
+
+    return apply_to_collection(obj, DTensor, mark)
 
 
-def _markers(obj: Any, out: list[str]) -> list[str]:
-    if isinstance(obj, dict):
-        if set(obj) == {_MARKER}:
-            out.append(obj[_MARKER])
-        else:
-            for v in obj.values():
-                _markers(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _markers(v, out)
-    return out
+def _markers(obj: Any) -> list[str]:
+    """The keys of the markers in ``obj``."""
+    keys: list[str] = []
+    apply_to_collection(obj, str, lambda s: keys.append(s[len(_MARKER):]) if s.startswith(_MARKER) else None)
+    return keys
 
 
 def _join(obj: Any, tensors: dict[str, Any]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {_MARKER}:
-            return tensors[obj[_MARKER]]
-        return {k: _join(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_join(v, tensors) for v in obj)
-    return obj
+    """``obj`` with each marker replaced by its tensor."""
+    return apply_to_collection(obj, str, lambda s: tensors[s[len(_MARKER):]] if s.startswith(_MARKER) else s)
 
 
 def _full(obj: Any) -> Any:
     """``obj`` with each DTensor gathered whole (a collective: every process calls it)."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(obj, DTensor):
-        return obj.full_tensor().cpu()
-    if isinstance(obj, dict):
-        return {k: _full(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_full(v) for v in obj)
-    return obj
+    return apply_to_collection(obj, DTensor, lambda t: t.full_tensor().cpu())
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -172,7 +153,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
                                      options=StateDictOptions(cpu_offload=True))
         metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
-        keys = _markers(metadata.get("callbacks", {}), [])
+        keys = _markers(metadata.get("callbacks", {}))
         if keys:
             mesh, targets = self._shard_mesh, {}
             for key in keys:

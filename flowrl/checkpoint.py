@@ -124,10 +124,10 @@ def _index(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
     return meta, {k: tuple(v.shape) for k, v in meta.get("state_dict", {}).items()}
 
 
-def check_algorithm(path: str | os.PathLike, algorithm: str) -> None:
+def check_algorithm(path: str | os.PathLike, algorithm: str, meta: dict[str, Any] | None = None) -> None:
     """A ``ConfigError`` when the (whole) checkpoint at ``path`` was written by another algorithm than ``algorithm``
-    (a class name)."""
-    written = _index(os.fspath(path))[0].get("flowrl_algorithm")
+    (a class name); ``meta``: its index when already read."""
+    written = (meta if meta is not None else _index(os.fspath(path))[0]).get("flowrl_algorithm")
     if written is not None and written != algorithm:
         raise ConfigError(f"checkpoint {os.fspath(path)!r} was written by {written}, this run trains {algorithm}: "
                           "resume with the run's own config (its config.yaml beside the checkpoints)")
@@ -139,9 +139,9 @@ def check_resume(path: str | os.PathLike, module, world_size: int) -> None:
     (the data order and the noise follow the global batch, so a resume is exact only on as many). A
     ``ConfigError`` naming the file and the cause otherwise."""
     check_checkpoint_files(path)
-    check_algorithm(path, type(module).__name__)
     path = os.fspath(path)
     meta, shapes = _index(path)
+    check_algorithm(path, type(module).__name__, meta)
     processes = meta.get("flowrl_world_size")
     if processes is not None and processes != world_size:
         raise ConfigError(f"checkpoint {path!r} was written by {processes} process(es), this run has {world_size}: a "

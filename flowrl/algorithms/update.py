@@ -147,8 +147,9 @@ class StepGuard:
         clipped = bool(module.max_grad_norm) and bool(norm > module.max_grad_norm)
         logs.setdefault("grad_clipped", []).append(torch.tensor([float(clipped)]))
         if module.max_grad_norm and sharded:  # clip_grad_norm_'s rule, on each process's shards
+            coefficient = torch.clamp(module.max_grad_norm / (norm + 1e-6), max=1.0)
             for g in grads:
-                g.to_local().mul_(torch.clamp(module.max_grad_norm / (norm + 1e-6), max=1.0).to(g.dtype))
+                g.to_local().mul_(coefficient.to(g.dtype))
         elif module.max_grad_norm:
             module.clip_gradients(optimizer, gradient_clip_val=module.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
