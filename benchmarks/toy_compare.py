@@ -1,8 +1,8 @@
 """Every toy config side by side under the same wall-clock budget, several seeds each.
 
 Each method runs its shipped config (``lightning_configs/toy/<method>.yaml``: grpo, flow_grpo, dance_grpo,
-cps_grpo, mix_grpo, grpo_guard, nft, awm) through ``flowrl.cli.main`` for ``--minutes`` of *training*
-wall time, once per seed (``--seeds``; a seed sets the prompts' order, the noise and the rollouts; every
+cps_grpo, mix_grpo, grpo_guard, nft, awm, dppo, dgpo, crd, dpo, dpo_offline, opd) through ``flowrl.cli.main`` for
+``--minutes`` of *training* wall time, once per seed (``--seeds``; a seed sets the prompts' order, the noise and the rollouts; every
 method starts from the same shipped weights). In-training validation is switched off; instead the weights
 that the config's validation would use (the EMA average when the config has an ``callbacks.EMA`` that
 swaps for validation, else the live weights) are snapshotted at ``--points`` evenly spaced moments of the
@@ -47,7 +47,8 @@ from flowrl.cli import main  # noqa: E402
 from flowrl.precision import cpu_description  # noqa: E402
 from flowrl.toy import TOY_CHECKPOINT  # noqa: E402
 
-METHODS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm"]
+METHODS = ["grpo", "flow_grpo", "dance_grpo", "cps_grpo", "mix_grpo", "grpo_guard", "nft", "awm", "dppo", "dgpo", "crd",
+           "dpo", "dpo_offline", "opd"]
 CONFIGS = {name: ROOT / "lightning_configs" / "toy" / f"{name}.yaml" for name in METHODS}
 ACCURACY_KEY = "val/shapes_acc_overall"
 CATEGORIES = ["single_object", "colors", "counting", "two_objects", "position"]

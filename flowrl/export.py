@@ -34,7 +34,7 @@ from flowrl.checkpoint import check_checkpoint_files
 from flowrl.errors import ConfigError
 
 __all__ = ["EXPORT_INFO", "export_checkpoint", "export_main", "export_policy", "load_checkpoint_module",
-           "load_trained_parameters"]
+           "load_trained_parameters", "read_checkpoint"]
 
 #: the small description written next to the exported weights
 EXPORT_INFO = "flowrl_export.json"
@@ -161,7 +161,7 @@ def export_policy(policy, out_dir: str | os.PathLike, *, trainer_type: str | Non
 
 
 # ----------------------------------------------------------------------------------------- export_checkpoint
-def _read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
+def read_checkpoint(ckpt_path: str | os.PathLike) -> dict:
     path = os.fspath(ckpt_path)
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint {path!r} does not exist")
@@ -255,7 +255,7 @@ def load_checkpoint_module(ckpt_path: str | os.PathLike, config: str | os.PathLi
     configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
     if not configs:
         raise ConfigError("give the run's config (--config), so the model is built as flowrl fit built it")
-    checkpoint = _read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
     state = _ema_state(checkpoint) if ema else None
     module = build_module(configs, overrides)
     load_trained_parameters(module, checkpoint, state, source=f"checkpoint {os.fspath(ckpt_path)!r}")

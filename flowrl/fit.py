@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Sequence
 
+import lightning as L
 import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.cli import LightningCLI
@@ -30,7 +31,6 @@ from flowrl.errors import ConfigError
 from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
 from flowrl.policy.sharding import check_sharding
 from flowrl.precision import ENV as PRECISION_ENV
-from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
 from flowrl.policy.sharding import check_sharding
 from flowrl.precision import measure_precision, needs_choice
 
@@ -279,7 +279,10 @@ class FlowRLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"model": {"class_path": TRAINER_TYPES[DEFAULT_TRAINER_TYPE]}})
-        parser.link_arguments("model.init_args.group_size", "data.group_size")
+        # the data class by class_path too (PromptDataModule unless a config names another, e.g. offline DPO's
+        # flowrl.preference_data.PreferenceDataModule); a config's flat ``data:`` keys are its init args
+        parser.set_defaults({"data": {"class_path": f"{PromptDataModule.__module__}.{PromptDataModule.__name__}"}})
+        parser.link_arguments("model.init_args.group_size", "data.init_args.group_size")
 
     def before_instantiate_classes(self) -> None:
         """An unset ``trainer.precision`` on a CPU run is noted, to be measured once the module is built
@@ -359,7 +362,8 @@ def fit_main(args: Sequence[str], run: bool = True) -> FlowRLCLI:
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             # the same for its all_gather (several processes): torch 2.13 deprecates the function Lightning calls
             warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_gather is deprecated")
-            return FlowRLCLI(FlowRLModule, PromptDataModule, subclass_mode_model=True, args=argv, run=run,
+            return FlowRLCLI(FlowRLModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                             args=argv, run=run,
                              trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
                              parser_kwargs={"default_env": False})
     except ArgumentError as e:

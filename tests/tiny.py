@@ -100,3 +100,13 @@ def assert_on_policy_ratios_are_one(module, rollout, advantages):
         for k in module.training_units(rollout):
             out = module.training_loss(rollout, advantages, idx, k)
             assert torch.equal(out["ratio"], torch.ones_like(out["ratio"])), out["ratio"]
+
+
+def save_teacher_checkpoint(module, path, std=0.05, seed=0) -> str:
+    """A checkpoint as ``flowrl fit`` writes it (the trained parameters under ``state_dict``) of ``module`` with a
+    random non-zero LoRA: a DiffusionOPD teacher unlike the base model. ``module`` is left randomized."""
+    torch.manual_seed(seed)
+    randomize_lora(module, std)
+    state = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    torch.save({"state_dict": state}, path)
+    return str(path)

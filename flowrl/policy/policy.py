@@ -184,7 +184,8 @@ class FlowMatchingPolicy(nn.Module):
         self.base_dtype = getattr(torch, frozen_dtype) if finetune_type == "lora" else torch.float32
         if finetune_type == "lora":
             # The frozen base in frozen_dtype (a bf16 SD3.5-M base is 5 GB, not 10), the adapters in float32.
-            self.transformer.to(self.base_dtype)
+            if any(p.dtype != self.base_dtype for p in self.transformer.parameters()):
+                self.transformer.to(self.base_dtype)  # (diffusers warns on every dtype cast, even a no-op one)
             # modules the family keeps in float32 in any dtype (norms, modulation tables), as diffusers loads them
             keep = getattr(self.transformer, "_keep_in_fp32_modules", None) or []
             for name, param in self.transformer.named_parameters():
@@ -305,15 +306,17 @@ class FlowMatchingPolicy(nn.Module):
         return self.adapter.sigmas(num_inference_steps, height, width)
 
     def _denoise(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-                 guidance: float | None = None) -> torch.Tensor:
-        """The denoiser's raw prediction as float32. A low-precision frozen base (LoRA with ``frozen_dtype``)
-        computes under autocast in that dtype when no autocast is active (the Trainer's ``precision``
-        otherwise decides), so float32 adapters and activations meet bf16 weights without dtype errors."""
+                 guidance: float | None = None, denoiser: nn.Module | None = None) -> torch.Tensor:
+        """The denoiser's raw prediction as float32 (``denoiser``: another module of the same family, e.g. a frozen
+        teacher, instead of the policy's). A low-precision frozen base (LoRA with ``frozen_dtype``) computes under
+        autocast in that dtype when no autocast is active (the Trainer's ``precision`` otherwise decides), so
+        float32 adapters and activations meet bf16 weights without dtype errors."""
+        denoiser = self.transformer if denoiser is None else denoiser
         device_type = latents.device.type
         if self.base_dtype == torch.float32 or torch.is_autocast_enabled(device_type):
-            return self.adapter.forward(self.transformer, latents, sigma, cond, guidance).float()
+            return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()
         with torch.autocast(device_type, dtype=self.base_dtype):
-            return self.adapter.forward(self.transformer, latents, sigma, cond, guidance).float()
+            return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()
 
     def velocity(
         self,
@@ -323,6 +326,7 @@ class FlowMatchingPolicy(nn.Module):
         guidance_scale: float = 1.0,
         uncond: Conditioning | None = None,
         uncond_velocity: torch.Tensor | None = None,
+        denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
         """Velocity in float32, with classifier-free guidance when ``guidance_scale > 1``.
 
@@ -332,21 +336,24 @@ class FlowMatchingPolicy(nn.Module):
         then ignores how the parameters move the unconditional prediction). Sampling and training take
         the same path, so on-policy log-probabilities reproduce exactly either way. ``uncond_velocity``: that
         separate branch's prediction (:meth:`unconditional_velocity`) already computed for these latents with
-        these weights, used instead of recomputing it.
+        these weights, used instead of recomputing it. ``denoiser``: the velocity of another denoiser of this
+        family (a frozen teacher) with this policy's encoders, guidance and precision.
         """
         sigma = self._sigma_batch(sigma, latents)
         if self.adapter.guidance_mode == "distilled":  # the scale is an input of the denoiser: one pass
-            return self._denoise(latents, sigma, cond, guidance_scale)
+            return self._denoise(latents, sigma, cond, guidance_scale, denoiser)
         if guidance_scale <= 1.0:
-            return self._denoise(latents, sigma, cond)
+            return self._denoise(latents, sigma, cond, denoiser=denoiser)
         n = latents.shape[0]
         uncond = uncond if uncond is not None else self.null_condition(n)
         if self.uncond_gradient:
             both = Conditioning.cat([uncond, cond])
-            v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both).split(n)
+            v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both,
+                                   denoiser=denoiser).split(n)
         else:
-            v = self._denoise(latents, sigma, cond)
-            v_u = self.unconditional_velocity(latents, sigma, uncond) if uncond_velocity is None else uncond_velocity
+            v = self._denoise(latents, sigma, cond, denoiser=denoiser)
+            v_u = (self.unconditional_velocity(latents, sigma, uncond, denoiser) if uncond_velocity is None
+                   else uncond_velocity)
         return self.adapter.combine_guidance(v_u, v, guidance_scale)
 
     @staticmethod
@@ -356,11 +363,11 @@ class FlowMatchingPolicy(nn.Module):
 
     @torch.no_grad()
     def unconditional_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float,
-                               uncond: Conditioning | None = None) -> torch.Tensor:
+                               uncond: Conditioning | None = None, denoiser: nn.Module | None = None) -> torch.Tensor:
         """The unconditional CFG branch's raw prediction without gradient, as :meth:`velocity` computes it with
         ``uncond_gradient=False``."""
         uncond = uncond if uncond is not None else self.null_condition(latents.shape[0])
-        return self._denoise(latents, self._sigma_batch(sigma, latents), uncond)
+        return self._denoise(latents, self._sigma_batch(sigma, latents), uncond, denoiser=denoiser)
 
     @property
     def has_dropout(self) -> bool:

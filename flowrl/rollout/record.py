@@ -45,7 +45,7 @@ class Rollout:
         train_steps: indices i into ``sigmas`` of the trained (stochastic) steps: step i goes sigmas[i] -> sigmas[i + 1].
         latents: ``(B, K, ...)`` the input x of each trained step (``store="trajectory"``), else None.
         next_latents: ``(B, K, ...)`` the sample drawn at each trained step.
-        log_probs: ``(B, K)`` float32 log-probabilities of those samples.
+        log_probs: ``(B, K)`` float32 log-probabilities of those samples (None for an ODE trajectory).
         means: ``(B, K, ...)`` the trained steps' means (GRPO-Guard, x-based KL), else None.
         final: ``(B, ...)`` clean latents.
         images: ``(B, C, H, W)`` decoded images in [0, 1].

@@ -115,6 +115,8 @@ class RolloutSampler:
             fields.pop("means", None)
         if not store_uncond:
             fields.pop("v_uncond", None)
+        if keep and not self.dynamics.is_stochastic:  # an ODE trajectory (distillation) has no log-probs
+            fields.pop("log_probs")
         parts = {name: torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
                  for name, f in fields.items()}
         return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next_latents"),

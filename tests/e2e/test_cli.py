@@ -51,6 +51,10 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
         ]
     if os.sep + "wan" + os.sep in config:
         args.append("--model.policy.num_frames=5")  # the tiny Wan's shortest clip, instead of the config's 33
+    if tiny_path is not None and trainer_type_from_args(["--config", config]) == "diffusion-opd":
+        # the config's teachers are the user's LoRAs of the real model: the tiny pipeline (an exported model folder)
+        # teaches instead
+        args.append(f"--model.teachers=[{{path: {tiny_path}, name: tiny}}]")
     return args
 
 

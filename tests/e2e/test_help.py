@@ -55,8 +55,11 @@ def test_every_component_option_has_a_description(capsys, component):
     assert seen >= 1 and not missing, f"{component}: options without a description: {missing}"
 
 
-def test_every_data_option_has_a_description(capsys):
-    missing, seen = undocumented(help_text(capsys, "--help"), ("--data.",))
+@pytest.mark.parametrize("data_class", ["flowrl.data.PromptDataModule", "flowrl.preference_data.PreferenceDataModule"])
+def test_every_data_option_has_a_description(capsys, data_class):
+    """The data class is chosen by class_path (prompts by default, preference pairs for offline DPO)."""
+    text = help_text(capsys, "--data.help", data_class)
+    missing, seen = undocumented(text, ("--data.",))
     assert seen > 5 and not missing, f"options without a description (add them to the class's Args:): {missing}"
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import parsed_config
 from tiny import make_module
 
-from flowrl.algorithms import ALGORITHMS, AWM, GRPO, NFT, GRPOGuard
+from flowrl.algorithms import ALGORITHMS, AWM, GRPO, NFT, DiffusionOPD, GRPOGuard
 from flowrl.cli import console_main, main
 from flowrl.errors import ConfigError
 from flowrl.fit import COMPONENT_OPTIONS, options_of
@@ -141,6 +141,8 @@ OUT_OF_RANGE = {
     "crd_beta": ({"crd_beta": -1.0}, None),
     "kl_cfg": ({"kl_cfg": 0.5}, None),
     "weight_temp": ({"weight_temp": float("nan")}, None),
+    "pathwise_coef": ({"pathwise_coef": 0.0}, None),
+    "teachers": ({"teachers": [{"path": "any", "weight": -1.0}]}, None),
 }
 #: options without a numeric range (choices, booleans, objects, any integer seed)
 NOT_NUMERIC = {"policy", "rewards", "dynamics", "step_selection", "global_std", "same_initial_noise", "optimizer",
@@ -166,6 +168,8 @@ def test_every_option_of_every_trainer_has_a_refused_out_of_range_value(tiny_sd3
     unlisted = options - set(OUT_OF_RANGE) - NOT_NUMERIC
     assert not unlisted, f"{trainer}: options without an out-of-range check in this test: {sorted(unlisted)}"
     base = {"dynamics_type": "Flow-SDE", "noise_level": 0.7} if cls.needs_log_prob else {}
+    if cls is DiffusionOPD:  # a valid teacher (the tiny model's folder), so that the other checks are reached
+        base["teachers"] = [{"path": tiny_sd3_path}]
     cases = [(name, OUT_OF_RANGE[name][0]) for name in sorted(options & set(OUT_OF_RANGE))]
     cases += [(name, bad) for name, bad in MORE_OUT_OF_RANGE if name.split(".")[0] in options]
     for name, bad in cases:

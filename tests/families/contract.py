@@ -14,10 +14,11 @@ from tiny import (
     fit_one_iteration,
     make_module,
     randomize_lora,
+    save_teacher_checkpoint,
 )
 
 from callbacks import ReferenceModel
-from flowrl.algorithms import AWM, CRD, DGPO, GRPO, NFT, DiffusionDPO, FlowDPPO
+from flowrl.algorithms import AWM, CRD, DGPO, GRPO, NFT, DiffusionDPO, DiffusionOPD, FlowDPPO
 from flowrl.policy import PolicyConfig
 from flowrl.rewards import WeightedReward
 
@@ -112,8 +113,10 @@ class FamilyContract:
         (GRPO, "lora", {}), (NFT, "lora", {"num_train_timesteps": 1}), (AWM, "lora", {"num_train_timesteps": 1}),
         (GRPO, "full", {}), (FlowDPPO, "lora", {}), (DGPO, "lora", {"num_train_timesteps": 1}),
         (CRD, "lora", {"num_train_timesteps": 1}), (DiffusionDPO, "lora", {"num_train_timesteps": 1, "dpo_beta": 100.0}),
-    ], ids=["grpo-lora", "nft-lora", "awm-lora", "grpo-full", "dppo-lora", "dgpo-lora", "crd-lora", "dpo-lora"])
-    def test_one_optimizer_step(self, path, prompt_file, cls, finetune_type, extra):
+        (DiffusionOPD, "lora", {"num_train_steps": 1}),
+    ], ids=["grpo-lora", "nft-lora", "awm-lora", "grpo-full", "dppo-lora", "dgpo-lora", "crd-lora", "dpo-lora",
+            "opd-lora"])
+    def test_one_optimizer_step(self, path, prompt_file, tmp_path, cls, finetune_type, extra):
         """An optimizer step through Lightning moves the trained parameters, and only those: the adapters (LoRA) or
         the whole denoiser (full fine-tuning); nothing else of the pipeline moves."""
         callbacks = []
@@ -121,6 +124,9 @@ class FamilyContract:
             extra = {"noise_level": self.noise_level, **extra}
         if cls is CRD:  # its KL anchor at the family's guidance, a reference to anchor to
             extra, callbacks = {"kl_cfg": self.guidance, **extra}, [ReferenceModel(kl_beta=0.1)]
+        if cls is DiffusionOPD:  # a teacher of the family: a checkpoint of another LoRA of the same setup
+            teacher = save_teacher_checkpoint(self.make(NFT, path, num_train_timesteps=1), tmp_path / "teacher.ckpt")
+            extra = {"teachers": [{"path": teacher, "name": "t"}], **extra}
         if cls is DiffusionDPO and self.rewards() is None:  # distinct rewards in every group: a pair in each
             extra = {"rewards": WeightedReward({"brightness": MeanBrightness()}, {"brightness": 1.0}), **extra}
         module = self.make(cls, path, finetune_type=finetune_type, train_batch_size=4, **extra)
@@ -137,6 +143,8 @@ class FamilyContract:
         assert after.keys() == before.keys()
         moved = {n for n in before if not torch.equal(after[n], before[n])}
         assert moved and moved <= set(trained), sorted(moved - set(trained))[:5]
+        if cls is DiffusionOPD:
+            assert trainer.logged_metrics["train/distill_kl_t"] > 0
         if cls is DiffusionDPO:
             assert trainer.logged_metrics["train/dpo_pairs"] == 2.0  # two groups of two with distinct rewards
         self.check_rewarded(module)
