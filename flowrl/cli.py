@@ -1,5 +1,5 @@
 """The ``flowrl`` command: a dispatcher. ``flowrl fit`` (and LightningCLI's other subcommands) train
-(:mod:`flowrl.fit`); ``export``, ``sample`` and ``serve-reward`` are commands of their own."""
+(:mod:`flowrl.fit`); ``export``, ``sample``, ``serve-reward`` and ``convert`` are commands of their own."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def main(args: Sequence[str] | None = None, run: bool = True):
         from flowrl.rewards.remote import serve_reward_main
 
         return serve_reward_main(argv[1:])
+    if argv[:1] == ["convert"]:  # a Flow-Factory YAML config -> a flowrl config (flowrl/convert.py)
+        from flowrl.convert import convert_main
+
+        return convert_main(argv[1:])
     from flowrl.fit import fit_main
 
     return fit_main(argv, run=run)

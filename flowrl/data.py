@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowrl.errors import ConfigError
 from flowrl.plugins import prompt_set
+from flowrl.validation import check_number
 
 PromptSource = str | list[str]
 
@@ -175,6 +176,8 @@ class PromptDataModule(ValidationPrompts):
         max_val_prompts: use only the first this many validation prompts; null = all.
         seed: seed of the prompt order (shuffled every epoch).
         num_workers: DataLoader worker processes.
+        max_train_prompts: train on the first this many prompts only; null = all (Flow-Factory's
+            ``max_dataset_size``).
     """
 
     def __init__(
@@ -188,10 +191,12 @@ class PromptDataModule(ValidationPrompts):
         max_val_prompts: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        max_train_prompts: int | None = None,
     ):
         super().__init__()
         validate_group_batch(group_size, batch_size)
-        self.train_prompts = load_prompts(train_prompts, "data.train_prompts")
+        check_number("data.max_train_prompts", max_train_prompts, 1, allow_none=True, hint="; null = all")
+        self.train_prompts = load_prompts(train_prompts, "data.train_prompts")[:max_train_prompts]
         self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers)
         self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
 

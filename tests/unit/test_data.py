@@ -86,3 +86,15 @@ def test_lightnings_distributed_sampler_is_refused_with_several_processes():
                 dm.train_dataloader()
         else:
             assert len(list(dm.train_dataloader())) == 1
+
+
+def test_max_train_prompts_keeps_the_first_prompts_and_is_checked(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    dm = PromptDataModule(str(path), group_size=2, batch_size=4, max_train_prompts=3)
+    assert dm.train_prompts == ["prompt 0", "prompt 1", "prompt 2"]
+    assert PromptDataModule(str(path), group_size=2, batch_size=4).train_prompts[-1] == "prompt 9"
+    from flowrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_train_prompts"):
+        PromptDataModule(str(path), group_size=2, batch_size=4, max_train_prompts=0)
