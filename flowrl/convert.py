@@ -413,7 +413,7 @@ def _sampling(c: Conversion, train: dict, sched: dict, trainer_type: str, init: 
             c.note(f"train.{key}")
     c.put(f"{init}.num_inference_steps", int(train.get("num_inference_steps", 10)))
     c.put(f"{init}.guidance_scale", max(1.0, float(train.get("guidance_scale", 3.5))))
-    for key in ("num_inference_steps", "guidance_scale", "group_size", "num_inner_epochs", "max_grad_norm"):
+    for key in ("num_inference_steps", "guidance_scale", "num_inner_epochs", "max_grad_norm"):
         if key in train:
             c.note(f"train.{key}")
     dynamics = str(sched.get("dynamics_type", "Flow-SDE"))
@@ -461,6 +461,11 @@ def _batches(c: Conversion, ff: dict, train: dict, trainer_type: str, init: str)
     inner = int(train.get("num_inner_epochs", 1))
     gas = train.get("gradient_accumulation_steps", "auto")
     auto = gas == "auto"
+    if k < 2:
+        c.note("train.group_size", REFUSED, f"group_size {k}: flowrl's groups (its advantages, and the monitor of "
+               "diffusion-opd) need 2 or more samples a prompt; set group_size: 2 or more")
+    elif "group_size" in train:
+        c.note("train.group_size")
     m = _aligned_prompts(int(train.get("unique_sample_num_per_epoch", 8)), k, w, b, s, auto)
     batches = m * k // (w * b)  # micro-batches a process samples (and trains) per epoch
     c.put(f"{init}.group_size", k)

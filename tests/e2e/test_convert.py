@@ -108,6 +108,8 @@ def test_converted_config_parses_and_runs_a_step_on_the_tiny_pipeline(path, tmp_
         args += ["--model.policy.lora_rank=2", "--model.policy.lora_alpha=2"]
     if family == "wan2_t2v":
         args.append("--model.policy.num_frames=5")
+    if "teachers" in converted["model"]["init_args"]:  # the config's teachers are LoRAs of the real model
+        args.append(f"--model.teachers=[{{path: {tiny_pipeline_path(TINY[family])}, name: tiny}}]")
     if "num_train_timesteps" in converted["model"]["init_args"]:  # the converted count is for the config's steps
         args.append("--model.num_train_timesteps=1")
     cli = main(args)
@@ -141,6 +143,7 @@ def test_a_converted_toy_config_trains_end_to_end(tmp_path, monkeypatch):
     (lambda ff: ff["model"].update(target_modules="all"), "target_modules: all with LoRA"),
     (lambda ff: ff["model"].update(resume_path="ckpts/x"), "model.resume_path"),
     (lambda ff: ff["log"].update(logging_backend="swanlab"), "swanlab"),
+    (lambda ff: ff["train"].update(group_size=1), "group_size 1"),
 ])
 def test_keys_without_an_equivalent_are_refused_by_name_and_nothing_is_written(tmp_path, capsys, edit, message):
     ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
