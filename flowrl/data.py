@@ -35,22 +35,42 @@ def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
         path = _resolve_prompt_path(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: prompt file {path!r} does not exist; give a .txt or .jsonl path or an inline list")
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        lines = numbered_lines(path, name)
         if path.endswith(".jsonl"):
             prompts = []
-            for i, line in enumerate(lines):
-                record = json.loads(line)
-                if "prompt" not in record:
-                    raise ConfigError(f"{name}: line {i + 1} of {path} has no 'prompt' field")
+            for number, line in lines:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{name}: line {number} of {path} is not JSON ({e.msg} at column {e.colno}); "
+                                      'each line is one object such as {"prompt": "a red circle"}') from None
+                if not isinstance(record, dict) or "prompt" not in record:
+                    raise ConfigError(f"{name}: line {number} of {path} has no 'prompt' field")
                 prompts.append(str(record["prompt"]))
         else:
-            prompts = lines
+            prompts = [line for _, line in lines]
         origin = path
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ConfigError(f"{name}: {origin} holds no prompts; add at least one non-empty line")
     return prompts
+
+
+def numbered_lines(path: str, name: str) -> list[tuple[int, str]]:
+    """The non-empty lines of a prompt file with their line numbers (from 1); a line that is not UTF-8 is refused
+    naming the file, the line and the byte."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    out = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name}: line {number} of {path} is not UTF-8 (byte 0x{line[e.start]:02x} at column "
+                              f"{e.start + 1}); save the file as UTF-8") from None
+        if text:
+            out.append((number, text.lstrip("\ufeff") if number == 1 else text))
+    return out
 
 
 def _resolve_prompt_path(source: str) -> str:

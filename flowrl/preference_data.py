@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from flowrl.data import PromptSource, ValidationPrompts
+from flowrl.data import PromptSource, ValidationPrompts, numbered_lines
 from flowrl.errors import ConfigError
 from flowrl.plugins import preference_set
 from flowrl.validation import check_number
@@ -82,11 +82,7 @@ def load_preference_pairs(source: str, height: int, width: int, name: str = "dat
     folder = os.path.dirname(os.path.abspath(path))
     pairs: list[PreferencePair] = []
     problems: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+    for number, text in numbered_lines(path, name):  # (a line that is not UTF-8 is refused naming it)
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:

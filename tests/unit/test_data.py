@@ -98,3 +98,22 @@ def test_max_train_prompts_keeps_the_first_prompts_and_is_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="data.max_train_prompts"):
         PromptDataModule(str(path), group_size=2, batch_size=4, max_train_prompts=0)
+
+
+def test_bad_bytes_and_bad_json_name_the_file_and_line(tmp_path):
+    from flowrl.errors import ConfigError
+
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"a red circle\n\nthree blue sq\xffuares\n")
+    with pytest.raises(ConfigError, match=r"data.train_prompts: line 3 of .*p.txt is not UTF-8 \(byte 0xff at column 14\)"):
+        load_prompts(str(txt), "data.train_prompts")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
+    with pytest.raises(ConfigError, match=r"line 3 of .*p.jsonl is not JSON"):
+        load_prompts(str(jsonl))
+    jsonl.write_text('{"prompt": "a"}\n\n["b"]\n')
+    with pytest.raises(ConfigError, match=r"line 3 of .*p.jsonl has no 'prompt' field"):
+        load_prompts(str(jsonl))
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\r\ntwo squares\r\n".encode("utf-8"))
+    assert load_prompts(str(bom)) == ["a red circle", "two squares"]

@@ -96,3 +96,10 @@ def test_the_shipped_toy_set_loads():
     assert batch["chosen"].shape == (4, 3, 32, 32)
     with pytest.raises(ConfigError, match="not the configured resolution 16x16"):
         PreferenceDataModule("toy:pairs", resolution=16)
+
+
+def test_a_line_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'\n{"prompt": "a \xe9", "chosen": "c.png", "rejected": "r.png"}\n')
+    with pytest.raises(ConfigError, match=r"line 2 of .*pairs.jsonl is not UTF-8 \(byte 0xe9"):
+        load_preference_pairs(str(path), 8, 8)
