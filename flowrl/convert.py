@@ -242,8 +242,7 @@ RULES: dict[str, Rule] = {
     "rewards.device": _d("rewards run on the module's device"),
     "rewards.batch_size": _d("rewards score each micro-batch"),
     "rewards.num_workers": _d("async rewards use one background thread"),
-    "eval_rewards": _r("validation scores with the training rewards; remove eval_rewards (or make it equal to "
-                       "rewards) until flowrl has evaluation-only rewards"),
+    "eval_rewards": _m("model.eval_rewards", "each entry as a rewards entry; scored at validation only"),
 }
 
 
@@ -257,7 +256,7 @@ class Conversion:
 
     # ------------------------------------------------------------------ bookkeeping
     def note(self, key: str, status: str | None = None, what: str | None = None) -> None:
-        rule = RULES[key.split("[")[0]] if key.split("[")[0] in RULES else RULES[_rule_key(key)]
+        rule = RULES[_rule_key(key) if "[" in key else key]
         status = status or rule.status
         what = what if what is not None else (rule.target + (f" ({rule.note})" if rule.note else "")
                                               if status == MAPPED else rule.note)
@@ -286,7 +285,8 @@ class Conversion:
 def _rule_key(key: str) -> str:
     """``rewards[0].weight`` -> ``rewards.weight``; ``eval_rewards[1]`` -> ``eval_rewards``."""
     head, _, rest = key.partition("].")
-    return f"{head.split('[')[0]}.{rest}" if rest else head.split("[")[0]
+    section = "rewards" if head.startswith("eval_rewards") else head.split("[")[0]  # the same entry keys
+    return f"{section}.{rest}" if rest else head.split("[")[0]
 
 
 def _section(ff: dict, name: str) -> dict:
@@ -867,13 +867,21 @@ def _log(c: Conversion, log: dict, model_type: str, finetune: str, trainer_type:
 
 
 def _rewards(c: Conversion, ff: dict, init: str) -> None:
-    entries = ff.get("rewards") or []
-    entries = [entries] if isinstance(entries, dict) else list(entries)
+    for section, option in (("rewards", "rewards"), ("eval_rewards", "eval_rewards")):
+        entries = ff.get(section) or []
+        entries = [entries] if isinstance(entries, dict) else list(entries)
+        out = _reward_entries(c, entries, section, init)
+        if out:
+            c.put(f"{init}.{option}", out)
+
+
+def _reward_entries(c: Conversion, entries: list, section: str, init: str) -> list[dict]:
+    """The flowrl reward entries of Flow-Factory's ``rewards`` (or ``eval_rewards``) list."""
     out = []
     known = {"name", "reward_model", "weight", "server_url", "timeout", "retry_attempts", "model_name_or_path",
              "async_reward", "dtype", "device", "batch_size", "num_workers"}
     for i, entry in enumerate(entries):
-        key = f"rewards[{i}]"
+        key = f"{section}[{i}]"
         model = entry.get("reward_model")
         if model is None:
             c.report.append((key, DROPPED, "reward_model null: Flow-Factory skips the entry"))
@@ -903,20 +911,17 @@ def _rewards(c: Conversion, ff: dict, init: str) -> None:
         if label:
             spec["label"] = str(label)
         out.append(spec)
-        if entry.get("async_reward"):
+        if entry.get("async_reward") and section == "rewards":
             c.put(f"{init}.async_rewards", True)
         target = (f"class_path: {spec['class_path']}" if "class_path" in spec else f"name: {spec['name']}")
         for field in sorted(set(entry) & known):
-            c.note(f"{key}.{field}", what=f"{target} (model.rewards[{len(out) - 1}])" if field == "reward_model"
+            if field == "async_reward" and section != "rewards":
+                c.report.append((f"{key}.{field}", DROPPED, "validation rewards are scored after sampling"))
+                continue
+            c.note(f"{key}.{field}", what=f"{target} (model.{section}[{len(out) - 1}])" if field == "reward_model"
                    else None)
         _unknown(c, key, entry, known)
-    if out:
-        c.put(f"{init}.rewards", out)
-    evals = ff.get("eval_rewards")
-    if evals:
-        same = [dict(e) for e in ([evals] if isinstance(evals, dict) else evals)] == [dict(e) for e in entries]
-        c.report.append(("eval_rewards", DROPPED if same else REFUSED,
-                         "equal to rewards: validation scores with them" if same else RULES["eval_rewards"].note))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the command

@@ -36,6 +36,8 @@ class FlowRLModule(L.LightningModule):
         policy: the pretrained pipeline and which of its parameters train.
         rewards: reward terms: ``{name: <registered>, args: {...}}`` or ``{class_path: ..., init_args: {...}}``,
             each with a ``weight`` and a log ``label`` (null = jpeg_compressibility).
+        eval_rewards: reward terms scored at validation only, in the same form (``val/reward`` is their weighted
+            sum, ``val/reward_<label>`` each term's); null = validation scores with ``rewards``.
         group_size: samples per prompt; advantages are normalised within each group.
         resolution: image size of rollouts, an int or [height, width].
         num_inference_steps: sampling steps of a rollout (and of validation unless ``eval`` sets its own).
@@ -84,6 +86,7 @@ class FlowRLModule(L.LightningModule):
         self,
         policy: PolicyConfig,
         rewards: list[RewardSpec | dict[str, Any]] | None = None,
+        eval_rewards: list[RewardSpec | dict[str, Any]] | None = None,
         group_size: int = 8,
         resolution: int | list[int] = 512,
         num_inference_steps: int = 10,
@@ -108,7 +111,7 @@ class FlowRLModule(L.LightningModule):
     ):
         super().__init__()
         self.dynamics = dynamics if dynamics is not None else self.default_dynamics()
-        self._save_plain_hyperparameters(policy, rewards)
+        self._save_plain_hyperparameters(policy, rewards, eval_rewards)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trained parameters
         self.eval_config = EvalConfig(**eval) if isinstance(eval, dict) else (eval or EvalConfig())
@@ -138,18 +141,18 @@ class FlowRLModule(L.LightningModule):
         options.check_schedule(self.dynamics, sigmas, self.step_selector.train_steps)
         self.check_guidance(guidance_scale, self.eval_config.guidance_scale)
         self.policy.check_resolution(*hw(self.eval_config.resolution or [self.height, self.width]))
-        self.val_metrics = metrics.ValidationMetrics(self.reward_fn)
+        self.val_metrics = metrics.ValidationMetrics(scores.reward_function(eval_rewards, on_reward_error, False, None)
+                                                     if eval_rewards else self.reward_fn)
         self.iteration = 0
 
     def default_dynamics(self) -> Dynamics:
         """The dynamics of a config that names none (coupled algorithms: Flow-SDE at noise level 0.7)."""
         return FlowSDE()
 
-    def _save_plain_hyperparameters(self, policy, rewards) -> None:
+    def _save_plain_hyperparameters(self, policy, rewards, eval_rewards) -> None:
         """Hyper-parameters as plain data (checkpoints then load with ``weights_only=True``)."""
-        ignore = ["optimizer", "lr_scheduler"]
-        ignore += ["policy"] if isinstance(policy, FlowMatchingPolicy) else []
-        ignore += ["rewards"] if callable(rewards) else []
+        ignore = ["optimizer", "lr_scheduler"] + (["policy"] if isinstance(policy, FlowMatchingPolicy) else [])
+        ignore += [k for k, v in (("rewards", rewards), ("eval_rewards", eval_rewards)) if callable(v)]
         self.save_hyperparameters(ignore=ignore, logger=False)
         for key in list(self.hparams):
             self.hparams[key] = options.plain(self.hparams[key])
@@ -282,8 +285,7 @@ class FlowRLModule(L.LightningModule):
         s = self.validation_sampling()
         gen = self._generator(self.eval_config.seed, batch_idx, self.global_rank, 7919)
         out = self.sampler.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen)
-        rewards = self.reward_fn(out.images, prompts)
-        self.val_metrics.record(out.images, prompts, rewards, self.device)
+        rewards = self.val_metrics.record(out.images, prompts, self.device)
         return {"images": out.images, "prompts": list(prompts), "rewards": rewards}
 
     def on_validation_epoch_end(self):

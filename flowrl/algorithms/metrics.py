@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from flowrl.diversity import diversity_by_prompt
-from flowrl.rewards import RewardScores, WeightedReward
+from flowrl.rewards import RewardError, RewardScores, WeightedReward
 
 __all__ = ["ValidationMetrics", "announce", "log_rewards", "log_train"]
 
@@ -63,11 +63,21 @@ class ValidationMetrics(nn.ModuleDict):
         super().__init__({"reward": MeanMetric(), "diversity_pixel": MeanMetric(), "diversity_colour": MeanMetric()})
         self.reward_fn = reward_fn
         for name, reward in reward_fn.rewards.items():
+            if len(reward_fn.rewards) > 1:  # each term too, when there are several
+                self[f"reward_{name}"] = MeanMetric()
             for category in getattr(reward, "categories", ()):
                 self[f"{name}_acc_{category}"] = MeanMetric()
 
-    def record(self, images: torch.Tensor, prompts, rewards: torch.Tensor, device) -> None:
+    def record(self, images: torch.Tensor, prompts, device) -> torch.Tensor:
+        """Scores a validation batch with the validation rewards and records it; returns the weighted sums. A
+        failing reward raises (:class:`flowrl.rewards.RewardError`), as in training."""
+        scored = self.reward_fn.score(images, prompts)
+        if scored.errors:
+            raise RewardError(self.reward_fn.stop_message(scored.errors))
+        rewards = scored.total
         self["reward"].update(rewards.to(device))
+        for name, values in scored.terms.items() if len(scored.terms) > 1 else ():
+            self[f"reward_{name}"].update(values.to(device))
         for pixel, colour in diversity_by_prompt(images, prompts).values():
             self["diversity_pixel"].update(pixel.to(device))
             self["diversity_colour"].update(colour.to(device))
@@ -79,6 +89,7 @@ class ValidationMetrics(nn.ModuleDict):
                 if key not in self:
                     self[key] = MeanMetric().to(device)
                 self[key].update(torch.tensor(float(verdict.correct), device=device))
+        return rewards
 
     def compute(self, reduce_sum=None) -> dict[str, torch.Tensor]:
         """``val/...`` values, and ``val/<name>_acc_overall`` (the mean over categories, as GenEval); resets.

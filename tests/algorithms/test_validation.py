@@ -108,3 +108,32 @@ def test_sample_plots_write_curves_and_grids_at_every_validation(module, tmp_pat
     events = EventAccumulator(logger.log_dir, size_guidance={IMAGES: 0})
     events.Reload()
     assert [e.step for e in events.Images("val/samples")] == [0, 1, 2]
+
+
+class Brightness:
+    def __call__(self, images, prompts):
+        return images.float().reshape(images.shape[0], -1).mean(1)
+
+
+def test_eval_rewards_score_validation_only(tiny_sd3_path):
+    """Training scores with ``rewards``; validation with ``eval_rewards`` (weighted sum and each term, the verifier's
+    categories), and the training reward is not called at validation."""
+    from flowrl.rewards import WeightedReward
+
+    module = GRPO(policy=PolicyConfig(tiny_sd3_path, lora_rank=2), rewards=[RewardSpec("jpeg_incompressibility")],
+                  eval_rewards=[RewardSpec("shapes", weight=2.0),
+                                {"class_path": f"{__name__}.Brightness", "weight": 0.5, "label": "bright"}],
+                  group_size=2, resolution=16, num_inference_steps=3)
+    assert list(module.reward_fn.rewards) == ["jpeg_incompressibility"]
+    module.reward_fn.rewards["jpeg_incompressibility"] = lambda *a: pytest.fail("validation used the training reward")
+    prompts = ["a red circle", "two blue squares"]
+    out = module.validation_step({"prompt": prompts}, 0)
+    module.on_validation_epoch_end()
+    metrics = module.last_validation_metrics
+    shapes = WeightedReward.from_specs([RewardSpec("shapes")])(out["images"], prompts)
+    bright = Brightness()(out["images"], prompts)
+    assert metrics["val/reward_shapes"] == pytest.approx(float(shapes.mean()), abs=1e-6)
+    assert metrics["val/reward_bright"] == pytest.approx(float(bright.mean()), abs=1e-6)
+    assert metrics["val/reward"] == pytest.approx(float((2.0 * shapes + 0.5 * bright).mean()), abs=1e-6)
+    assert "val/shapes_acc_overall" in metrics
+    assert module.hparams["eval_rewards"][0]["name"] == "shapes"  # plain data in checkpoints

@@ -30,9 +30,6 @@ def input_keys(ff: dict) -> set[str]:
     keys = set()
     for key, value in ff.items():
         if key in ("rewards", "eval_rewards") and isinstance(value, list):
-            if key == "eval_rewards":
-                keys.add(key)
-                continue
             for i, entry in enumerate(value):
                 keys |= {f"{key}[{i}].{k}" for k in entry}
         elif isinstance(value, dict):
@@ -138,7 +135,7 @@ def test_a_converted_toy_config_trains_end_to_end(tmp_path, monkeypatch):
     (lambda ff: ff["train"].update(colour="red"), "train.colour: unknown key"),
     (lambda ff: ff["model"].update(model_type="flux1-kontext"), "model_type 'flux1-kontext' has no flowrl family"),
     (lambda ff: ff["train"].update(trainer_type="tdm"), "trainer_type 'tdm' has no flowrl algorithm"),
-    (lambda ff: ff.update(eval_rewards=[{"name": "hps", "reward_model": "HPS"}]), "eval_rewards"),
+    (lambda ff: ff.update(eval_rewards=[{"name": "hps", "reward_model": "HPS"}]), "eval_rewards[0].reward_model"),
     (lambda ff: ff["rewards"].append({"name": "vlm", "reward_model": "vllm_evaluate"}), "vllm_evaluate"),
     (lambda ff: ff["model"].update(target_modules="all"), "target_modules: all with LoRA"),
     (lambda ff: ff["model"].update(resume_path="ckpts/x"), "model.resume_path"),
@@ -176,3 +173,14 @@ def test_docs_convert_md_is_the_mapping_table():
     text = open(os.path.join(ROOT, "docs", "convert.md"), encoding="utf-8").read()
     assert rules_table() in text, "regenerate the table: flowrl convert --table (docs/convert.md says how)"
     assert {r.status for r in RULES.values()} == {MAPPED, DROPPED, REFUSED}
+
+
+def test_eval_rewards_become_validation_only_rewards():
+    ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
+    ff["eval_rewards"] = [{"name": "text", "reward_model": "CLIP", "weight": 1.0, "batch_size": 8},
+                          {"name": "pick", "reward_model": "PickScore", "weight": 0.5}]
+    c = convert(ff, DATA)
+    assert not c.refused
+    assert c.out["model"]["init_args"]["eval_rewards"] == [
+        {"weight": 1.0, "name": "clip_score", "label": "text"}, {"weight": 0.5, "name": "pickscore", "label": "pick"}]
+    assert ("eval_rewards[0].batch_size", DROPPED, RULES["rewards.batch_size"].note) in c.report

@@ -145,8 +145,8 @@ OUT_OF_RANGE = {
     "teachers": ({"teachers": [{"path": "any", "weight": -1.0}]}, None),
 }
 #: options without a numeric range (choices, booleans, objects, any integer seed)
-NOT_NUMERIC = {"policy", "rewards", "dynamics", "step_selection", "global_std", "same_initial_noise", "optimizer",
-               "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
+NOT_NUMERIC = {"policy", "rewards", "eval_rewards", "dynamics", "step_selection", "global_std", "same_initial_noise",
+               "optimizer", "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
                "advantage_estimator", "on_reward_error", "async_rewards", "add_kl_coefficient", "clip_dsm",
                "use_ema_ref", "use_shared_noise", "adaptive_logp", "reward_adaptive_kl", "crd_loss_type",
                "ref_param_device"}
