@@ -72,7 +72,6 @@ REMOTE_REWARD = "RemotePointwiseRewardModel"
 PRECISIONS = {"bf16": "bf16-mixed", "fp16": "16-mixed", "no": "32-true"}
 DECOUPLED = ("nft", "awm", "dgpo", "dpo", "crd")
 
-_SAME = "the same option"
 RULES: dict[str, Rule] = {
     # top level: the launcher
     "launcher": _d("Lightning starts the processes itself (trainer.devices, trainer.num_nodes)"),

@@ -64,12 +64,12 @@ def numbered_lines(path: str, name: str) -> list[tuple[int, str]]:
     out = []
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
-            text = line.decode("utf-8").strip()
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # (a BOM is not part of line 1)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{name}: line {number} of {path} is not UTF-8 (byte 0x{line[e.start]:02x} at column "
                               f"{e.start + 1}); save the file as UTF-8") from None
         if text:
-            out.append((number, text.lstrip("\ufeff") if number == 1 else text))
+            out.append((number, text))
     return out
 
 

@@ -72,6 +72,7 @@ def _lora_adapter_name(transformer) -> str:
 
 
 def _save_lora(policy, out_dir: str) -> dict[str, Any]:
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
     from peft import get_peft_model_state_dict
 
     pipeline, transformer = policy.pipeline, policy.transformer
@@ -108,7 +109,7 @@ def _save_lora(policy, out_dir: str) -> dict[str, Any]:
         "lora_alpha_stored_in": alpha_in,
         "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
         else config.target_modules,
-        "weight_name": "pytorch_lora_weights.safetensors",
+        "weight_name": LORA_WEIGHT_NAME_SAFE,
         "load_with": f"{cls.__name__}.from_pretrained(base_model).load_lora_weights(<this directory>)",
     }
 

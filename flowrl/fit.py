@@ -25,13 +25,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from flowrl.algorithms import ALGORITHMS, FlowRLModule
+from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
 from flowrl.data import PromptDataModule
 from flowrl.dynamics import DYNAMICS, TrainSteps
 from flowrl.errors import ConfigError
-from flowrl.checkpoint import check_algorithm, check_checkpoint_files, check_resume
 from flowrl.policy.sharding import check_sharding
 from flowrl.precision import ENV as PRECISION_ENV
-from flowrl.policy.sharding import check_sharding
 from flowrl.precision import measure_precision, needs_choice
 
 __all__ = ["FlowRLCLI", "expand_config_bases", "explain", "fit_main", "translate_argv", "translate_config"]

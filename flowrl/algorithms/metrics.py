@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from flowrl.diversity import diversity_by_prompt
-from flowrl.rewards import RewardError, RewardScores, WeightedReward
+from flowrl.rewards import RewardScores, WeightedReward
 
 __all__ = ["ValidationMetrics", "announce", "log_rewards", "log_train"]
 
@@ -71,9 +71,7 @@ class ValidationMetrics(nn.ModuleDict):
     def record(self, images: torch.Tensor, prompts, device) -> torch.Tensor:
         """Scores a validation batch with the validation rewards and records it; returns the weighted sums. A
         failing reward raises (:class:`flowrl.rewards.RewardError`), as in training."""
-        scored = self.reward_fn.score(images, prompts)
-        if scored.errors:
-            raise RewardError(self.reward_fn.stop_message(scored.errors))
+        scored = self.reward_fn.checked_score(images, prompts)
         rewards = scored.total
         self["reward"].update(rewards.to(device))
         for name, values in scored.terms.items() if len(scored.terms) > 1 else ():

@@ -25,16 +25,18 @@ from torch import nn
 
 from flowrl.errors import ConfigError
 
-__all__ = ["LORA_WEIGHT_NAME", "frozen_denoiser", "teacher_kind"]
+__all__ = ["frozen_denoiser", "teacher_kind"]
 
-#: the file name diffusers' ``save_lora_weights`` (and ``flowrl export``) write
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _PREFIX = "policy.transformer."
 
 
 def teacher_kind(path: str) -> str:
     """``lora``, ``model`` or ``checkpoint`` for the weights at ``path``; a ``ConfigError`` naming the path and the
     forms accepted when it is none of them (checked before any model loads)."""
+    from diffusers.loaders.lora_base import (
+        LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME,  # the file LoRAs are saved as
+    )
+
     if not os.path.exists(path):
         raise ConfigError(f"teacher {path!r} does not exist; give a LoRA ({LORA_WEIGHT_NAME} or its folder), an "
                           "exported model folder or a flowrl checkpoint (.ckpt)")
@@ -72,6 +74,8 @@ def _fuse(denoiser: nn.Module) -> nn.Module:
 
 
 def _load_lora(policy, path: str) -> nn.Module:
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME
+
     denoiser = _base_copy(policy)
     folder, name = (os.path.dirname(path), os.path.basename(path)) if os.path.isfile(path) else (path, LORA_WEIGHT_NAME)
     dtype = next(denoiser.parameters()).dtype

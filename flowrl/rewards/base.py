@@ -151,10 +151,14 @@ class WeightedReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
         """The weighted sum; raises :class:`RewardError` if a term fails or returns non-finite scores."""
+        return self.checked_score(images, prompts, group_ids).total
+
+    def checked_score(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> RewardScores:
+        """:meth:`score`, raising :class:`RewardError` if a term fails or returns non-finite scores."""
         scores = self.score(images, prompts, group_ids)
         if scores.errors:
             raise RewardError(self.stop_message(scores.errors))
-        return scores.total
+        return scores
 
     @staticmethod
     def stop_message(errors: Sequence[str]) -> str:

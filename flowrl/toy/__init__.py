@@ -11,8 +11,8 @@ TOY_HELDOUT_PROMPTS = TOY_DIR / "prompts" / "heldout.txt"
 TOY_EVAL_PROMPTS = TOY_DIR / "prompts" / "eval.txt"
 
 # The toy registers its names itself (flowrl finds it through the flowrl.plugins entry point of setup.cfg):
-# the shipped model (and DiffusionOPD's teachers), its prompt sets (toy:train, toy:train_balanced, toy:heldout, toy:eval), and the verifier
-# reward (``shapes``, registered when flowrl.toy.verifier is imported).
+# the shipped model (and DiffusionOPD's teachers), its prompt sets (toy:train, toy:train_balanced, toy:heldout,
+# toy:eval), and the verifier reward (``shapes``, registered when flowrl.toy.verifier is imported).
 register_model_alias("flowrl:toy", lambda: str(TOY_CHECKPOINT))
 # DiffusionOPD's two toy teachers (LoRAs of the toy model, scripts/make_toy_teachers.py): flowrl:toy-teacher-<name>
 for _name in ("graded", "strict"):
