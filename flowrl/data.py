@@ -11,11 +11,13 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from flowrl.conditions import ConditionImages, check_condition_image, resolve_image_paths
 from flowrl.errors import ConfigError
 from flowrl.plugins import prompt_set
 from flowrl.validation import check_number
@@ -27,33 +29,99 @@ def load_prompts(source: PromptSource, name: str = "prompts") -> list[str]:
     """A list of prompts from an inline list, a ``.txt`` file (one per line) or a ``.jsonl`` file
     (one object per line with a ``"prompt"`` field). ``toy:<name>`` is a prompt file of the toy world
     (``toy:train``, ``toy:train_balanced``: the training prompts with every category equally likely,
-    ``toy:heldout``, ``toy:eval``: the held-out prompts balanced over categories)."""
+    ``toy:heldout``, ``toy:eval``: the held-out prompts balanced over categories). A file whose rows name
+    condition images is refused here: read it with :func:`load_prompt_rows`."""
+    rows = load_prompt_rows(source, name)
+    if rows.images is not None:
+        raise ConfigError(f"{name}: {rows.origin} names condition images, which this reader does not use; give a "
+                          "prompt file without images")
+    return rows.prompts
+
+
+@dataclass
+class PromptRows:
+    """A prompt file's rows: the prompts, and, where its rows name them, each row's condition image paths and
+    caption of the condition image (``source_prompt``)."""
+
+    prompts: list[str]
+    images: list[tuple[str, ...]] | None = None
+    captions: list[str | None] | None = None
+    origin: str = "the inline list"
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int | None) -> PromptRows:
+        cut = slice(None, n)
+        return PromptRows(self.prompts[cut], None if self.images is None else self.images[cut],
+                          None if self.captions is None else self.captions[cut], self.origin)
+
+    def condition(self, index: int) -> ConditionImages | None:
+        """Row ``index``'s condition images, decoded (None for a file without images)."""
+        if self.images is None:
+            return None
+        return ConditionImages.from_files(self.images[index], self.captions[index])
+
+
+def load_prompt_rows(source: PromptSource, name: str = "prompts") -> PromptRows:
+    """:func:`load_prompts`' sources, where a ``.jsonl`` row may also name condition images: ``"images": [paths]``
+    (or ``"image": path``; relative paths are read from the file's folder) and ``"source_prompt"``, a caption of
+    the condition image. Every image is checked before anything trains (it exists, decodes, has a usable size);
+    a failure names the file and the line. Either every row names images or none does."""
     if isinstance(source, (list, tuple)):
-        prompts = [str(p) for p in source]
-        origin = "the inline list"
+        rows = PromptRows([str(p) for p in source])
     else:
         path = _resolve_prompt_path(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: prompt file {path!r} does not exist; give a .txt or .jsonl path or an inline list")
         lines = numbered_lines(path, name)
-        if path.endswith(".jsonl"):
-            prompts = []
-            for number, line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{name}: line {number} of {path} is not JSON ({e.msg} at column {e.colno}); "
-                                      'each line is one object such as {"prompt": "a red circle"}') from None
-                if not isinstance(record, dict) or "prompt" not in record:
-                    raise ConfigError(f"{name}: line {number} of {path} has no 'prompt' field")
-                prompts.append(str(record["prompt"]))
-        else:
-            prompts = [line for _, line in lines]
-        origin = path
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if not prompts:
-        raise ConfigError(f"{name}: {origin} holds no prompts; add at least one non-empty line")
-    return prompts
+        rows = _jsonl_rows(path, lines, name) if path.endswith(".jsonl") else PromptRows([t for _, t in lines])
+        rows.origin = path
+    keep = [i for i, p in enumerate(rows.prompts) if p.strip()]
+    rows = PromptRows([rows.prompts[i].strip() for i in keep],
+                      None if rows.images is None else [rows.images[i] for i in keep],
+                      None if rows.captions is None else [rows.captions[i] for i in keep], rows.origin)
+    if not rows.prompts:
+        raise ConfigError(f"{name}: {rows.origin} holds no prompts; add at least one non-empty line")
+    return rows
+
+
+def _jsonl_rows(path: str, lines: list[tuple[int, str]], name: str) -> PromptRows:
+    prompts, images, captions, with_images = [], [], [], set()
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for number, line in lines:
+        where = f"{name}: line {number} of {path}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not JSON ({e.msg} at column {e.colno}); "
+                              'each line is one object such as {"prompt": "a red circle"}') from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ConfigError(f"{where} has no 'prompt' field")
+        prompts.append(str(record["prompt"]))
+        if "image" in record and "images" in record:
+            raise ConfigError(f"{where} has both 'image' and 'images'; give one")
+        entry = record.get("images", record.get("image"))
+        with_images.add(entry is not None)
+        if entry is None:
+            images.append(())
+            captions.append(None)
+            continue
+        paths = resolve_image_paths(entry, base_dir, where)
+        for p in paths:
+            try:
+                check_condition_image(p)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        images.append(tuple(paths))
+        caption = record.get("source_prompt")
+        captions.append(None if caption is None else str(caption))
+    if with_images == {True, False}:
+        raise ConfigError(f"{name}: some rows of {path} name condition images and some do not; every row of a "
+                          "prompt file needs its images, or none has any (split the file)")
+    if True in with_images:
+        return PromptRows(prompts, images, captions)
+    return PromptRows(prompts)
 
 
 def numbered_lines(path: str, name: str) -> list[tuple[int, str]]:
@@ -79,25 +147,34 @@ def _resolve_prompt_path(source: str) -> str:
 
 
 class PromptDataset(Dataset):
-    """Indexed by ``(prompt_index, group_id)`` pairs from a group sampler, or by a plain int."""
+    """Indexed by ``(prompt_index, group_id)`` pairs from a group sampler, or by a plain int. Rows with condition
+    images give them as ``condition_images`` (:class:`flowrl.conditions.ConditionImages`), decoded here (in the
+    DataLoader's workers where there are some)."""
 
-    def __init__(self, prompts: Sequence[str]):
-        self.prompts = list(prompts)
+    def __init__(self, prompts: Sequence[str] | PromptRows):
+        self.rows = prompts if isinstance(prompts, PromptRows) else PromptRows(list(prompts))
+        self.prompts = self.rows.prompts
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, key):
         index, group = key if isinstance(key, tuple) else (key, key)
-        return {"prompt": self.prompts[index], "prompt_index": index, "group_id": group}
+        item = {"prompt": self.prompts[index], "prompt_index": index, "group_id": group}
+        if self.rows.images is not None:
+            item["condition_images"] = self.rows.condition(index)
+        return item
 
 
 def collate_prompts(items: list[dict]) -> dict:
-    return {
+    batch = {
         "prompt": [it["prompt"] for it in items],
         "prompt_index": torch.tensor([it["prompt_index"] for it in items], dtype=torch.long),
         "group_id": torch.tensor([it["group_id"] for it in items], dtype=torch.long),
     }
+    if "condition_images" in items[0]:
+        batch["condition_images"] = [it["condition_images"] for it in items]
+    return batch
 
 
 class GroupBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -162,9 +239,9 @@ class ValidationPrompts(L.LightningDataModule):
 
     def _set_validation(self, val_prompts: PromptSource | None, max_val_prompts: int | None, val_batch_size: int,
                         val_samples_per_prompt: int, num_workers: int) -> None:
-        self.val_prompts = load_prompts(val_prompts, "data.val_prompts") if val_prompts is not None else None
-        if self.val_prompts is not None and max_val_prompts is not None:
-            self.val_prompts = self.val_prompts[:max_val_prompts]
+        self.val_rows = load_prompt_rows(val_prompts, "data.val_prompts").head(max_val_prompts) if (
+            val_prompts is not None) else None
+        self.val_prompts = self.val_rows.prompts if self.val_rows is not None else None
         self.val_batch_size, self.val_samples_per_prompt = val_batch_size, val_samples_per_prompt
         self.num_workers = num_workers
 
@@ -178,7 +255,7 @@ class ValidationPrompts(L.LightningDataModule):
         rank, world = self._rank_world()
         keys = [(i, i) for i in range(len(self.val_prompts)) for _ in range(self.val_samples_per_prompt)]
         keys = keys[rank::world]
-        return DataLoader(PromptDataset(self.val_prompts), batch_size=self.val_batch_size, sampler=keys,
+        return DataLoader(PromptDataset(self.val_rows), batch_size=self.val_batch_size, sampler=keys,
                           collate_fn=collate_prompts, num_workers=self.num_workers)
 
 
@@ -216,7 +293,8 @@ class PromptDataModule(ValidationPrompts):
         super().__init__()
         validate_group_batch(group_size, batch_size)
         check_number("data.max_train_prompts", max_train_prompts, 1, allow_none=True, hint="; null = all")
-        self.train_prompts = load_prompts(train_prompts, "data.train_prompts")[:max_train_prompts]
+        self.train_rows = load_prompt_rows(train_prompts, "data.train_prompts").head(max_train_prompts)
+        self.train_prompts = self.train_rows.prompts
         self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers)
         self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
 
@@ -246,5 +324,5 @@ class PromptDataModule(ValidationPrompts):
         rank, world = self._rank_world()
         sampler = GroupBatchSampler(len(self.train_prompts), self.group_size, self.batch_size, True, self.seed, rank,
                                     world, start=getattr(self, "_start", 0))
-        return DataLoader(PromptDataset(self.train_prompts), batch_sampler=sampler, collate_fn=collate_prompts,
+        return DataLoader(PromptDataset(self.train_rows), batch_sampler=sampler, collate_fn=collate_prompts,
                           num_workers=self.num_workers)

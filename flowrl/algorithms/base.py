@@ -233,9 +233,11 @@ class FlowRLModule(L.LightningModule):
         """Whether a rollout keeps the unconditional CFG branch of its trained steps for training to reuse."""
         return rollouts.keeps_uncond_branch(self, guidance_scale)
 
-    def rollout(self, prompts: Sequence[str], group_ids=None, on_chunk: Callable | None = None) -> Rollout:
-        """Samples of ``prompts`` for training (:func:`flowrl.algorithms.rollouts.draw`)."""
-        return rollouts.draw(self, prompts, group_ids, on_chunk)
+    def rollout(self, prompts: Sequence[str], group_ids=None, on_chunk: Callable | None = None,
+                conditions: Sequence | None = None) -> Rollout:
+        """Samples of ``prompts`` (with their condition images, ``conditions``, where the rows have some) for
+        training (:func:`flowrl.algorithms.rollouts.draw`)."""
+        return rollouts.draw(self, prompts, group_ids, on_chunk, conditions)
 
     def compute_advantages(self, scores_: RewardScores, group_ids: torch.Tensor,
                            keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,14 +254,15 @@ class FlowRLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         prompts, group_ids = batch["prompt"], batch["group_id"].cpu()
+        conditions = batch.get("condition_images")
         if self.async_rewards:
-            with AsyncScorer(self.reward_fn, prompts) as scorer:
-                rollout = self.rollout(prompts, group_ids, on_chunk=scorer.submit)
+            with AsyncScorer(self.reward_fn, prompts, conditions) as scorer:
+                rollout = self.rollout(prompts, group_ids, on_chunk=scorer.submit, conditions=conditions)
                 scored = scorer.result()
         else:
-            rollout, scored = self.rollout(prompts, group_ids), None
+            rollout, scored = self.rollout(prompts, group_ids, conditions=conditions), None
         with self.profile("reward"):
-            scored = scored or self.reward_fn.score(rollout.images, prompts, group_ids)
+            scored = scored or self.reward_fn.score(rollout.images, prompts, group_ids, conditions)
             scored, keep = scores.accept_scores(self, scored, group_ids)
         if keep is None or keep.any():
             with self.profile("advantages"):
@@ -284,8 +287,10 @@ class FlowRLModule(L.LightningModule):
         prompts = batch["prompt"]
         s = self.validation_sampling()
         gen = self._generator(self.eval_config.seed, batch_idx, self.global_rank, 7919)
-        out = self.sampler.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen)
-        rewards = self.val_metrics.record(out.images, prompts, self.device)
+        conditions = batch.get("condition_images")
+        out = self.sampler.sample(prompts, s["height"], s["width"], s["num_inference_steps"], s["guidance_scale"], gen,
+                                  conditions=conditions)
+        rewards = self.val_metrics.record(out.images, prompts, self.device, conditions)
         return {"images": out.images, "prompts": list(prompts), "rewards": rewards}
 
     def on_validation_epoch_end(self):

@@ -82,8 +82,8 @@ class WholeGroups:
     group_size: int
     trainer_type: str
 
-    def rollout(self, prompts, group_ids=None, on_chunk=None) -> Rollout:
-        rollout = super().rollout(prompts, group_ids, on_chunk)
+    def rollout(self, prompts, group_ids=None, on_chunk=None, conditions=None) -> Rollout:
+        rollout = super().rollout(prompts, group_ids, on_chunk, conditions)
         rollout.group_ids = self.group_labels(prompts, group_ids)
         return rollout
 

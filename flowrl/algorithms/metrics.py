@@ -68,10 +68,10 @@ class ValidationMetrics(nn.ModuleDict):
             for category in getattr(reward, "categories", ()):
                 self[f"{name}_acc_{category}"] = MeanMetric()
 
-    def record(self, images: torch.Tensor, prompts, device) -> torch.Tensor:
+    def record(self, images: torch.Tensor, prompts, device, conditions=None) -> torch.Tensor:
         """Scores a validation batch with the validation rewards and records it; returns the weighted sums. A
         failing reward raises (:class:`flowrl.rewards.RewardError`), as in training."""
-        scored = self.reward_fn.checked_score(images, prompts)
+        scored = self.reward_fn.checked_score(images, prompts, None, conditions)
         rewards = scored.total
         self["reward"].update(rewards.to(device))
         for name, values in scored.terms.items() if len(scored.terms) > 1 else ():

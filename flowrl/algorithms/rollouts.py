@@ -28,7 +28,7 @@ def keeps_uncond_branch(module, guidance_scale: float) -> bool:
 
 
 def draw(module, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
-         on_chunk: Callable[[slice, torch.Tensor], None] | None = None) -> Rollout:
+         on_chunk: Callable[[slice, torch.Tensor], None] | None = None, conditions: Sequence | None = None) -> Rollout:
     """Samples of ``prompts`` for training at ``module.iteration``. With ``same_initial_noise``, the members of a
     group (same ``group_ids`` entry) start from the same noise (DanceGRPO's shared noise): the rewards within a
     group then differ only through the stochastic (trained) steps."""
@@ -50,6 +50,7 @@ def draw(module, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
                                          module.guidance_scale, gens, steps,
                                          "trajectory" if module.stores_trajectory else "final", latents, on_chunk,
                                          store_means=module.stores_means,
-                                         store_uncond=keeps_uncond_branch(module, module.guidance_scale))
+                                         store_uncond=keeps_uncond_branch(module, module.guidance_scale),
+                                         conditions=conditions)
     finally:
         module.policy.train(was_training)

@@ -8,7 +8,7 @@ family (FLUX, Wan, ...) is one file with one ``ModelAdapter`` subclass decorated
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,13 +145,20 @@ def scheduler_sigmas(scheduler, num_inference_steps: int, image_seq_len: int) ->
         scheduler.set_timesteps(num_inference_steps)
     return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+#: pipeline class name -> the adapters registered for it, in the order tried (variants with a ``when`` first)
+_ADAPTERS: dict[str, list[tuple[type[ModelAdapter], Callable | None]]] = {}
 
 
-def register_adapter(*pipeline_class_names: str):
+def register_adapter(*pipeline_class_names: str, when: Callable | None = None):
+    """Registers a ``ModelAdapter`` subclass for pipelines of these class names. ``when(pipeline) -> bool``: only
+    for the pipelines it accepts, a variant of a class another adapter takes too (Wan2.2's two-expert
+    ``WanPipeline``); adapters with a ``when`` are tried before the plain one."""
+
     def wrap(cls):
         for name in pipeline_class_names:
-            _ADAPTERS[name] = cls
+            entries = [e for e in _ADAPTERS.get(name, []) if e[0].__qualname__ != cls.__qualname__]
+            entries.append((cls, when))
+            _ADAPTERS[name] = sorted(entries, key=lambda e: e[1] is None)
         return cls
 
     return wrap
@@ -164,7 +171,7 @@ def adapter_for(pipeline, max_sequence_length: int | None = None, num_frames: in
             f"no flowrl adapter for pipeline class {name!r}; supported: {sorted(_ADAPTERS)}. "
             "Add one ModelAdapter subclass decorated with @register_adapter in flowrl/policy/."
         )
-    cls = _ADAPTERS[name]
+    cls = next((c for c, when in _ADAPTERS[name] if when is None or when(pipeline)), _ADAPTERS[name][-1][0])
     if not cls.is_video:  # image families keep their two-argument constructor
         if num_frames is not None:
             raise ConfigError(
@@ -189,6 +196,9 @@ class ModelAdapter:
     negative_prompt: str = ""
     #: a video family: latents have a frame axis and the constructor takes ``num_frames``
     is_video: bool = False
+    #: how many condition images one sample takes, ``(fewest, most)``: ``(0, 0)`` for a text-to-image or
+    #: text-to-video family, ``(1, 1)`` for image-to-video, ``(0, 1)`` for a model that edits or generates
+    condition_images: tuple[int, int] = (0, 0)
 
     def __init__(self, pipeline, max_sequence_length: int | None = None, num_frames: int | None = None):
         self.pipeline = pipeline
@@ -203,6 +213,15 @@ class ModelAdapter:
 
     def encode_prompt(self, prompts: Sequence[str], device: torch.device) -> Conditioning:
         raise NotImplementedError
+
+    def encode_condition(self, prompts: Sequence[str], conditions: Sequence, height: int, width: int,
+                         device: torch.device) -> Conditioning:
+        """The conditioning of ``prompts`` each with its condition images (an image-conditioned family):
+        ``conditions`` has one :class:`flowrl.conditions.ConditionImages` per prompt (float32 ``(3, H, W)`` tensors
+        in [0, 1] at their own sizes, to be resized and encoded as the stock pipeline does for an output of
+        ``height`` x ``width``). What it returns, ``forward`` reads (image tokens, image latents, masks). The same
+        inputs must give the same bits (the rows are cached and re-encoded for the unconditional branch)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no condition images")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one sample's latent (no batch dim) for an image of ``height`` x ``width`` pixels."""

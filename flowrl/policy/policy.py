@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from flowrl.conditions import ConditionImages
 from flowrl.errors import ConfigError
 from flowrl.plugins import model_alias, model_aliases
 from flowrl.policy.adapter import Conditioning, adapter_for
@@ -265,32 +266,73 @@ class FlowMatchingPolicy(nn.Module):
         return next(self.transformer.parameters()).device
 
     # ------------------------------------------------------------------ model calls
-    def encode_prompt(self, prompts: Sequence[str]) -> Conditioning:
-        """The conditioning of ``prompts``, each distinct prompt encoded once (a group repeats one prompt G times:
-        the text encoders run on B / G prompts, and the rows are shared), and only if :attr:`prompt_cache` does
-        not hold it from an earlier batch.
+    def encode_prompt(self, prompts: Sequence[str], conditions: Sequence[ConditionImages] | None = None,
+                      height: int | None = None, width: int | None = None) -> Conditioning:
+        """The conditioning of ``prompts`` (and, for an image-conditioned family, of each one's condition images,
+        ``conditions``, generating ``height`` x ``width``), each distinct row encoded once (a group repeats one
+        prompt G times: the encoders run on B / G rows, and the rows are shared), and only if :attr:`prompt_cache`
+        does not hold it from an earlier batch.
 
-        Each prompt is encoded on its own: batched, a row's last bits depend on the prompts beside it (the pooled
+        Each row is encoded on its own: batched, a row's last bits depend on the prompts beside it (the pooled
         CLIP projection differs by an ulp), and a cached row, a fresh one and a resumed run's must agree bit for
-        bit."""
+        bit. A row with condition images keeps them (``cond["condition"]``, one per sample) and the size
+        (``cond["condition_size"]``): the unconditional CFG branch is the negative prompt with the same images."""
         prompts = list(prompts)
-        distinct = list(dict.fromkeys(prompts))
+        self.check_conditions(conditions, len(prompts))
+        if conditions is not None and (height is None or width is None):
+            raise ValueError("encode_prompt with condition images needs the height and width being generated")
+        keys = prompts if conditions is None else [f"{p}\x00{c.key}\x00{height}x{width}"
+                                                   for p, c in zip(prompts, conditions)]
+        first = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
         rows = []
-        for p in distinct:
-            row = self.prompt_cache.get(p)
+        for key, i in first.items():
+            row = self.prompt_cache.get(key)
             if row is None:
                 with torch.no_grad():
-                    row = self.adapter.encode_prompt([p], self.device)
-                self.prompt_cache.put(p, row)
+                    if conditions is None:
+                        row = self.adapter.encode_prompt([prompts[i]], self.device)
+                    else:
+                        row = self.adapter.encode_condition([prompts[i]], [conditions[i]], height, width, self.device)
+                        row.per_sample["condition"] = [conditions[i]]
+                        row.shared["condition_size"] = (height, width)
+                self.prompt_cache.put(key, row)
             rows.append(row.to(self.device))
         cond = Conditioning.cat(rows)
-        if len(distinct) == len(prompts):
+        if len(first) == len(keys):
             return cond
-        index = {p: i for i, p in enumerate(distinct)}
-        return cond.select([index[p] for p in prompts])
+        index = {k: j for j, k in enumerate(first)}
+        return cond.select([index[k] for k in keys])
 
-    def null_condition(self, batch_size: int) -> Conditioning:
-        """Conditioning of the empty prompt, the unconditional branch of classifier-free guidance."""
+    def check_conditions(self, conditions: Sequence[ConditionImages] | None, n: int | None = None) -> None:
+        """Refuses condition images this family cannot use, or their absence where it needs them, in one line."""
+        low, high = self.adapter.condition_images
+        family = type(self.pipeline).__name__
+        if conditions is None:
+            if low > 0:
+                raise ConfigError(f"{family} generates from condition images, and none were given; give prompt files "
+                                  'whose rows name them ({"prompt": ..., "images": ["a.png"]}), or flowrl sample '
+                                  "--images")
+            return
+        if n is not None and len(conditions) != n:
+            raise ValueError(f"{len(conditions)} condition entries for {n} prompts")
+        if high == 0:
+            raise ConfigError(f"{family} takes no condition images, but the prompts name some; use a prompt file "
+                              "without images, or an editing / image-to-video model")
+        for c in conditions:
+            if not low <= len(c) <= high:
+                where = f" ({', '.join(c.sources)})" if c.sources else ""
+                allowed = str(low) if low == high else f"{low} to {high}"
+                raise ConfigError(f"a sample has {len(c)} condition images{where}; {family} takes {allowed} per "
+                                  "sample")
+
+    def null_condition(self, batch_size: int, cond: Conditioning | None = None) -> Conditioning:
+        """Conditioning of the negative prompt, the unconditional branch of classifier-free guidance: the empty
+        prompt, or, for samples with condition images (``cond``), the negative prompt with those images."""
+        if cond is not None and "condition" in cond:
+            height, width = cond["condition_size"]
+            return self.encode_prompt([self.adapter.negative_prompt] * len(cond), cond["condition"], height, width)
         if self._null_cond is None or self._null_cond.device != self.device:
             self._null_cond = self.encode_prompt([self.adapter.negative_prompt])
         return self._null_cond.expand(batch_size)
@@ -345,7 +387,7 @@ class FlowMatchingPolicy(nn.Module):
         if guidance_scale <= 1.0:
             return self._denoise(latents, sigma, cond, denoiser=denoiser)
         n = latents.shape[0]
-        uncond = uncond if uncond is not None else self.null_condition(n)
+        uncond = uncond if uncond is not None else self.null_condition(n, cond)
         if self.uncond_gradient:
             both = Conditioning.cat([uncond, cond])
             v_u, v = self._denoise(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both,
@@ -363,10 +405,11 @@ class FlowMatchingPolicy(nn.Module):
 
     @torch.no_grad()
     def unconditional_velocity(self, latents: torch.Tensor, sigma: torch.Tensor | float,
-                               uncond: Conditioning | None = None, denoiser: nn.Module | None = None) -> torch.Tensor:
+                               uncond: Conditioning | None = None, denoiser: nn.Module | None = None,
+                               cond: Conditioning | None = None) -> torch.Tensor:
         """The unconditional CFG branch's raw prediction without gradient, as :meth:`velocity` computes it with
-        ``uncond_gradient=False``."""
-        uncond = uncond if uncond is not None else self.null_condition(latents.shape[0])
+        ``uncond_gradient=False`` (``cond``: the samples' conditioning, whose condition images the branch keeps)."""
+        uncond = uncond if uncond is not None else self.null_condition(latents.shape[0], cond)
         return self._denoise(latents, self._sigma_batch(sigma, latents), uncond, denoiser=denoiser)
 
     @property

@@ -21,6 +21,10 @@ class Reward(Protocol):
 
     ``images`` is a float tensor in [0, 1]: ``(B, C, H, W)`` for images or ``(B, T, C, H, W)`` for
     videos. ``prompts`` has ``B`` entries. Returns a float32 tensor of ``B`` scores (higher is better).
+
+    A reward with the class attribute ``uses_condition_images = True`` is also given ``condition_images=``: one
+    entry per sample, the :class:`flowrl.conditions.ConditionImages` it was generated from (a sequence of float32
+    ``(3, H, W)`` tensors in [0, 1], with ``.caption``), or None where a sample has none (text-to-image).
     """
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
@@ -133,29 +137,42 @@ class WeightedReward:
             weights[key] = weight
         return cls(rewards, weights)
 
-    def _term(self, name: str, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
+    def _term(self, name: str, images: torch.Tensor, prompts: Sequence[str], group_ids=None,
+              conditions: Sequence | None = None) -> torch.Tensor:
         reward = self.rewards[name]
+        uses_conditions = getattr(reward, "uses_condition_images", False)
+
+        def call(index: torch.Tensor | None):
+            sel_images = images if index is None else images[index]
+            sel_prompts = prompts if index is None else [prompts[i] for i in index.tolist()]
+            if not uses_conditions:
+                return reward(sel_images, sel_prompts)
+            given = [None] * len(prompts) if conditions is None else list(conditions)
+            return reward(sel_images, sel_prompts,
+                          condition_images=given if index is None else [given[i] for i in index.tolist()])
+
         try:
             if getattr(reward, "groupwise", False):  # one call per group (a prompt's samples), in batch order
                 scores = torch.empty(len(prompts))
                 for members in _groups(prompts, group_ids):
-                    scores[members] = torch.as_tensor(
-                        reward(images[members], [prompts[i] for i in members.tolist()])).float().cpu()
+                    scores[members] = torch.as_tensor(call(members)).float().cpu()
             else:
-                scores = torch.as_tensor(reward(images, prompts)).detach().to("cpu", torch.float32)
+                scores = torch.as_tensor(call(None)).detach().to("cpu", torch.float32)
         except Exception as err:
             raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}") from err
         if scores.shape != (len(prompts),):
             raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({len(prompts)},)")
         return scores
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None,
+                 conditions: Sequence | None = None) -> torch.Tensor:
         """The weighted sum; raises :class:`RewardError` if a term fails or returns non-finite scores."""
-        return self.checked_score(images, prompts, group_ids).total
+        return self.checked_score(images, prompts, group_ids, conditions).total
 
-    def checked_score(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None) -> RewardScores:
+    def checked_score(self, images: torch.Tensor, prompts: Sequence[str], group_ids=None,
+                      conditions: Sequence | None = None) -> RewardScores:
         """:meth:`score`, raising :class:`RewardError` if a term fails or returns non-finite scores."""
-        scores = self.score(images, prompts, group_ids)
+        scores = self.score(images, prompts, group_ids, conditions)
         if scores.errors:
             raise RewardError(self.stop_message(scores.errors))
         return scores
@@ -165,10 +182,12 @@ class WeightedReward:
         return "; ".join(errors) + (" (training stops here so that no update is made from a broken reward; fix the "
                                     "reward, or set model.on_reward_error=skip_group to drop the groups)")
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor | None = None) -> RewardScores:
+    def score(self, images: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor | None = None,
+              conditions: Sequence | None = None) -> RewardScores:
         """The weighted sum, the per-term scores, which samples every term scored with a finite number, and what
         went wrong (:class:`RewardScores`). A term that raises or returns the wrong shape invalidates the batch.
         A groupwise term (``groupwise = True``) is called once per group: ``group_ids``, or equal prompts.
+        ``conditions``: each sample's condition images, for the terms that use them (``uses_condition_images``).
         Keeps no state (safe from a scoring thread)."""
         n = len(prompts)
         total = torch.zeros(n, dtype=torch.float32)
@@ -177,7 +196,7 @@ class WeightedReward:
         terms: dict[str, torch.Tensor] = {}
         for name in self.rewards:
             try:
-                scores = self._term(name, images, prompts, group_ids)
+                scores = self._term(name, images, prompts, group_ids, conditions)
             except RewardError as err:
                 errors.append(str(err))
                 valid[:] = False

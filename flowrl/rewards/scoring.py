@@ -21,8 +21,9 @@ class AsyncScorer:
     Pointwise rewards only: a groupwise reward needs whole groups (the module refuses the combination).
     """
 
-    def __init__(self, reward_fn: WeightedReward, prompts: Sequence[str]):
+    def __init__(self, reward_fn: WeightedReward, prompts: Sequence[str], conditions: Sequence | None = None):
         self.reward_fn, self.prompts = reward_fn, list(prompts)
+        self.conditions = None if conditions is None else list(conditions)
         self._pool: ThreadPoolExecutor | None = None
         self._futures: list[Future] = []
 
@@ -31,7 +32,9 @@ class AsyncScorer:
         return self
 
     def submit(self, sl: slice, images: torch.Tensor) -> None:
-        self._futures.append(self._pool.submit(self.reward_fn.score, images.detach(), self.prompts[sl]))
+        conditions = None if self.conditions is None else self.conditions[sl]
+        self._futures.append(self._pool.submit(self.reward_fn.score, images.detach(), self.prompts[sl], None,
+                                               conditions))
 
     def result(self) -> RewardScores:
         return RewardScores.cat([f.result() for f in self._futures])

@@ -69,6 +69,7 @@ class RolloutSampler:
         on_chunk: Callable[[slice, torch.Tensor], None] | None = None,
         store_means: bool = False,
         store_uncond: bool = False,
+        conditions: Sequence | None = None,
     ) -> Rollout:
         """Sample ``prompts``; steps in ``train_steps`` use the dynamics, the rest the ODE.
 
@@ -77,11 +78,12 @@ class RolloutSampler:
         chunks of ``train_batch_size``, the others in chunks of ``rollout_batch_size``. ``on_chunk(slice, images)``
         is called as each chunk's images are decoded. ``generator``: one for the batch, or one per sample (each
         sample's starting noise, then its step noise, from its own). ``latents``: the starting noise, if given.
+        ``conditions``: each sample's :class:`flowrl.conditions.ConditionImages` (editing, image-to-video), or None.
         """
         policy = self.policy
         n = len(prompts)
         with self.profile("encode_prompt"):
-            cond = policy.encode_prompt(prompts)
+            cond = policy.encode_prompt(prompts, conditions, height, width)
         sigmas = policy.sigmas(num_inference_steps, height, width)
         x, noise = self._noise(n, height, width, num_inference_steps, generator, latents)
         trained = sorted(train_steps)
@@ -147,7 +149,7 @@ class RolloutSampler:
             for i in steps:
                 dyn = self.dynamics if i in trained else self.ode
                 s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-                v_u = policy.unconditional_velocity(xc, s) if keep_uncond and i in trained else None
+                v_u = policy.unconditional_velocity(xc, s, cond=chunk_cond) if keep_uncond and i in trained else None
                 v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
                 out = dyn.step(xc, v, s, s_next, noise=noise[i, sl])
                 if i in record:
