@@ -20,7 +20,8 @@ import torch
 
 from flowrl.errors import ConfigError
 
-__all__ = ["ConditionImages", "check_condition_image", "load_condition_image", "MIN_SIDE", "MAX_PIXELS"]
+__all__ = ["ConditionImages", "check_condition_image", "load_condition_image", "to_pil_image", "MIN_SIDE",
+           "MAX_PIXELS"]
 
 #: the smallest side a condition image may have (every family's VAE downsamples 8x, and packs 2x2)
 MIN_SIDE = 16
@@ -125,3 +126,12 @@ def resolve_image_paths(entry, base_dir: str, where: str) -> list[str]:
                           f"got {entry!r}")
     return [p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
             for p in paths]
+
+
+def to_pil_image(image: torch.Tensor):
+    """A float ``(3, H, W)`` tensor in [0, 1] as the 8-bit PIL image it was read from (exact for k / 255 values: what a
+    stock pipeline is given)."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

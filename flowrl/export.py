@@ -4,7 +4,9 @@
   (``pytorch_lora_weights.safetensors``), so that ``<PipelineClass>.from_pretrained(base).load_lora_weights(out)``
   gives the trained velocity. The peft ``LoraConfig`` (rank, ``lora_alpha``, target modules) travels as
   diffusers' LoRA adapter metadata in the safetensors header; a loader mixin without a metadata argument
-  gets the ``lora_alpha / r`` scale folded into ``lora_B`` instead (diffusers then loads with scale 1).
+  gets the ``lora_alpha / r`` scale folded into ``lora_B`` instead (diffusers then loads with scale 1). A denoiser
+  of several parts (Wan2.2's two experts) lists one file per part (``lora_files()``), each with the
+  ``load_lora_weights`` arguments that load it (recorded under ``lora_files``).
 * ``finetune_type: full``: a complete pipeline folder (``save_pretrained``) with the trained transformer and
   the frozen components as the policy holds them, read by ``DiffusionPipeline.from_pretrained(out)``.
 
@@ -86,9 +88,11 @@ def _save_lora(policy, out_dir: str) -> dict[str, Any]:
         )
     name = _lora_adapter_name(transformer)
     config = transformer.peft_config[name]
-    layers = {k: v.detach().to("cpu").contiguous() for k, v in
-              get_peft_model_state_dict(transformer, adapter_name=name).items()}
+    # one file per part carrying LoRA: the transformer, or each expert of a denoiser that lists them (Wan2.2)
+    files = (transformer.lora_files() if hasattr(transformer, "lora_files")
+             else [(LORA_WEIGHT_NAME_SAFE, transformer, {})])
     kwargs: dict[str, Any] = {}
+    fold = None
     if "transformer_lora_adapter_metadata" in params:
         # diffusers rebuilds LoraConfig(**metadata) on load: the same r, lora_alpha, targets, rank/alpha patterns
         kwargs["transformer_lora_adapter_metadata"] = config.to_dict()
@@ -98,10 +102,18 @@ def _save_lora(policy, out_dir: str) -> dict[str, Any]:
         if config.rank_pattern or config.alpha_pattern:
             raise ConfigError(f"{cls.__name__}.save_lora_weights stores no LoRA metadata; per-layer rank/alpha "
                               "patterns cannot be folded into the weights")
-        scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-        layers = {k: v * scale if ".lora_B." in k else v for k, v in layers.items()}
+        fold = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         alpha_in = "folded_into_lora_B"
-    save(out_dir, transformer_lora_layers=layers, safe_serialization=True, **kwargs)
+    for weight_name, part, _ in files:
+        layers = {k: v.detach().to("cpu").contiguous() for k, v in
+                  get_peft_model_state_dict(part, adapter_name=name).items()}
+        if fold is not None:
+            layers = {k: v * fold if ".lora_B." in k else v for k, v in layers.items()}
+        save(out_dir, transformer_lora_layers=layers, weight_name=weight_name, safe_serialization=True, **kwargs)
+    calls = [f"load_lora_weights(<this directory>{''.join(f', {k}={v!r}' for k, v in extra.items())})"
+             for _, _, extra in files]
+    load_with = (f"{cls.__name__}.from_pretrained(base_model).{calls[0]}" if len(calls) == 1 else
+                 f"pipe = {cls.__name__}.from_pretrained(base_model); " + "; ".join(f"pipe.{c}" for c in calls))
     return {
         "lora_rank": config.r,
         "lora_alpha": config.lora_alpha,
@@ -109,8 +121,9 @@ def _save_lora(policy, out_dir: str) -> dict[str, Any]:
         "lora_alpha_stored_in": alpha_in,
         "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
         else config.target_modules,
-        "weight_name": LORA_WEIGHT_NAME_SAFE,
-        "load_with": f"{cls.__name__}.from_pretrained(base_model).load_lora_weights(<this directory>)",
+        "weight_name": files[0][0],
+        "lora_files": [{"weight_name": w, "load_lora_weights_kwargs": extra} for w, _, extra in files],
+        "load_with": load_with,
     }
 
 
@@ -281,6 +294,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, config: str | os.PathLike | 
         "iteration": checkpoint.get("flowrl_iteration"),
         "weights": "ema" if ema else "live",
         "sampling": module.validation_sampling(),  # flowrl sample's defaults for this export
+        "condition_image_area": module.policy.adapter.condition_image_area,  # an editing model's condition size
     }
     return export_policy(module.policy, out_dir, trainer_type=getattr(module, "trainer_type", None) or None,
                          extra=extra, overwrite=overwrite)

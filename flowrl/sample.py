@@ -73,22 +73,33 @@ def load_sampling_pipeline(model: str | None = None, lora: str | None = None):
 @torch.no_grad()
 def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-                  seed: int = 0, batch_size: int = 8, progress: bool = True, adapter=None) -> torch.Tensor:
+                  seed: int = 0, batch_size: int = 8, progress: bool = True, adapter=None,
+                  conditions: Sequence | None = None) -> torch.Tensor:
     """``pipeline(prompt=...)`` over ``prompts`` in batches: images ``(N, C, H, W)`` in [0, 1] (the first frame of
     a video). Image ``i`` starts from the noise of ``torch.Generator().manual_seed(seed + i)``. The text context
-    (and a video's frame count) is the one flowrl trains with (``adapter``, default the family's)."""
+    (and a video's frame count) is the one flowrl trains with (``adapter``, default the family's). ``conditions``:
+    each prompt's condition images (editing, image-to-video), given to the stock call one prompt at a time, as the
+    adapter encodes them (``stock_condition_kwargs``)."""
+    from flowrl.policy.adapter import adapter_for
+
     from tqdm.auto import tqdm
 
     kwargs = {k: v for k, v in {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                                 "height": height, "width": width}.items() if v is not None}
     kwargs.update(conditioning_kwargs(pipeline, adapter))
+    if conditions is not None:
+        adapter = adapter or adapter_for(pipeline)
+        size = (height or pipeline.default_sample_size * pipeline.vae_scale_factor, width or
+                pipeline.default_sample_size * pipeline.vae_scale_factor)
+        batch_size = 1  # each prompt with its own images: the pipelines batch images in different ways
     pipeline.set_progress_bar_config(disable=True)
     out = []
     bar = tqdm(total=len(prompts), desc="sampling", unit="image", disable=not progress, file=sys.stderr)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        result = pipeline(prompt=batch, generator=generators, output_type="pt", **kwargs)
+        extra = {} if conditions is None else adapter.stock_condition_kwargs(conditions[start], *size)
+        result = pipeline(prompt=batch, generator=generators, output_type="pt", **kwargs, **extra)
         images = result.images if hasattr(result, "images") else result.frames
         images = torch.as_tensor(images).float().cpu()
         if images.ndim == 5:  # (B, T, C, H, W) video: its first frame
@@ -102,7 +113,7 @@ def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int 
 @torch.no_grad()
 def sample_with_dynamics(policy, prompts: Sequence[str], dynamics, *, num_inference_steps: int, guidance_scale: float,
                          height: int, width: int, sde_steps: Sequence[int] | None = None, seed: int = 0,
-                         batch_size: int = 8) -> torch.Tensor:
+                         batch_size: int = 8, conditions: Sequence | None = None) -> torch.Tensor:
     """Images ``(N, C, H, W)`` in [0, 1] drawn by a :class:`~flowrl.rollout.RolloutSampler` over ``policy``:
     ``sde_steps`` (None: every step but the last) with ``dynamics``, the other steps with the ODE. Image ``i`` starts
     from (and draws its step noise from) ``torch.Generator().manual_seed(seed + i)``."""
@@ -120,7 +131,8 @@ def sample_with_dynamics(policy, prompts: Sequence[str], dynamics, *, num_infere
             batch = list(prompts[start:start + batch_size])
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
             images = sampler.sample(batch, height, width, num_inference_steps, guidance_scale, generators,
-                                    train_steps=steps).images.float().cpu()
+                                    train_steps=steps, conditions=None if conditions is None else
+                                    conditions[start:start + batch_size]).images.float().cpu()
             out.append((images[:, :, 0] if images.ndim == 5 else images).clamp(0, 1))
     finally:
         policy.train(was_training)
@@ -165,17 +177,33 @@ def _reward(entries: Sequence[str]):
     return WeightedReward.from_specs(specs)
 
 
-def _prompts(args) -> list[str]:
-    from flowrl.data import load_prompts
+def _prompts(args) -> tuple[list[str], list | None]:
+    """The prompts, and each one's condition images (``--images`` for every ``--prompt``, or a JSONL file's rows)."""
+    from flowrl.conditions import ConditionImages, check_condition_image
+    from flowrl.data import load_prompt_rows
 
-    prompts = list(args.prompt or [])
+    prompts, conditions = list(args.prompt or []), None
+    if args.images:
+        for path in args.images:
+            try:
+                check_condition_image(path)
+            except ValueError as err:
+                raise ConfigError(f"flowrl sample --images: {err}") from None
+        conditions = [ConditionImages.from_files(args.images)] * len(prompts)
     if args.prompts:
-        prompts += load_prompts(args.prompts, "--prompts")
+        rows = load_prompt_rows(args.prompts, "--prompts")
+        if (rows.images is None) != (conditions is None) and (prompts or rows.images is not None and args.images):
+            raise ConfigError("flowrl sample: the --prompt prompts and the --prompts file must both have condition "
+                              "images (--images; rows with \"images\") or both have none")
+        prompts += rows.prompts
+        if rows.images is not None:
+            conditions = (conditions or []) + [rows.condition(i) for i in range(len(rows))]
     if args.max_prompts is not None:
         prompts = prompts[:args.max_prompts]
+        conditions = None if conditions is None else conditions[:args.max_prompts]
     if not prompts:
         raise ConfigError("give prompts: --prompt TEXT (repeatable) or --prompts FILE (.txt, .jsonl or toy:eval)")
-    return prompts
+    return prompts, conditions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,7 +223,10 @@ def sample_main(argv: Sequence[str]) -> dict:
     src.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (callbacks.EMA)")
     what = parser.add_argument_group("prompts and sampling")
     what.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    what.add_argument("--prompts", help="a prompt file: .txt, .jsonl or a toy set (toy:eval)")
+    what.add_argument("--prompts", help="a prompt file: .txt, .jsonl (rows may name condition images) or a toy set "
+                      "(toy:eval)")
+    what.add_argument("--images", nargs="+", help="condition images of every --prompt (an editing or image-to-video "
+                      "model)")
     what.add_argument("--max_prompts", type=int, help="only the first this many prompts")
     what.add_argument("--num_per_prompt", type=int, default=4, help="images per prompt, one grid row (default 4)")
     what.add_argument("--num_inference_steps", type=int, help="sampling steps (default: the run's or the pipeline's)")
@@ -223,11 +254,12 @@ def sample_main(argv: Sequence[str]) -> dict:
         parser.error("--ckpt_path samples the checkpoint's own model; leave out --model / --lora")
     if args.ema and not args.ckpt_path:
         parser.error("--ema needs --ckpt_path")
-    prompts = _prompts(args)
+    prompts, conditions = _prompts(args)
     reward = _reward(args.reward) if args.reward else None  # before any model loads: a bad reward fails fast
     dynamics = _dynamics(args)
 
     steps, guidance, (height, width) = args.num_inference_steps, args.guidance_scale, (None, None)
+    export = None
     if args.resolution:
         height, width = args.resolution[0], args.resolution[-1]
     if args.ckpt_path:
@@ -249,25 +281,35 @@ def sample_main(argv: Sequence[str]) -> dict:
         height, width = run_sampling.get("height"), run_sampling.get("width")
 
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
+    expanded_conditions = None if conditions is None else [c for c in conditions for _ in range(args.num_per_prompt)]
+    from flowrl.policy.adapter import adapter_for
+
+    adapter = adapter or adapter_for(pipeline)
+    area = (_export_info(export) if export else {}).get("condition_image_area")
+    if area and adapter.condition_image_area is None:
+        adapter.condition_image_area = int(area)  # the condition size the export was trained at
+    adapter.check_conditions(expanded_conditions)
     if dynamics is None:
         images = sample_images(pipeline, expanded, num_inference_steps=steps, guidance_scale=guidance, height=height,
                                width=width, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
-                               adapter=adapter)
+                               adapter=adapter, conditions=expanded_conditions)
     else:  # flowrl's sampler: the settings the stock call would take where neither the run nor a flag gives them
         from flowrl.policy import FlowMatchingPolicy
 
-        policy = policy or FlowMatchingPolicy(pipeline, finetune_type="full")
+        if policy is None:
+            area = adapter.condition_image_area if adapter is not None else None
+            policy = FlowMatchingPolicy(pipeline, finetune_type="full", condition_image_area=area)
         steps = steps or _pipeline_default(pipeline, "num_inference_steps")
         guidance = guidance if guidance is not None else (_pipeline_default(pipeline, "guidance_scale") or 1.0)
         if height is None:
             height = width = pipeline.default_sample_size * pipeline.vae_scale_factor
         images = sample_with_dynamics(policy, expanded, dynamics, num_inference_steps=steps, guidance_scale=guidance,
                                       height=height, width=width, sde_steps=args.sde_steps, seed=args.seed,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, conditions=expanded_conditions)
     records = [{"index": i, "prompt": p, "seed": args.seed + i} for i, p in enumerate(expanded)]
     scores = None
     if reward is not None:
-        scored = reward.score(images, expanded)
+        scored = reward.score(images, expanded, conditions=expanded_conditions)
         if scored.errors:
             raise ConfigError(f"the reward failed: {'; '.join(scored.errors)}")
         scores = scored.total

@@ -55,9 +55,10 @@ def randomize_lora(module, std=0.05):
 
 
 def checkpointing_gradients(path, finetune_type, guidance_scale, prompts=("a red circle", "two blue squares"),
-                            size=16, **policy_kwargs):
+                            size=16, conditions=None, **policy_kwargs):
     """The gradients of one velocity loss without and with gradient checkpointing, and how many checkpointed
-    block calls the second pass made: ``(grads_off, grads_on, calls)`` (a family test compares them)."""
+    block calls the second pass made: ``(grads_off, grads_on, calls)`` (a family test compares them).
+    ``conditions``: the prompts' condition images (image-conditioned families)."""
     from flowrl.policy import FlowMatchingPolicy
 
     grads, calls = [], []
@@ -72,7 +73,7 @@ def checkpointing_gradients(path, finetune_type, guidance_scale, prompts=("a red
         if checkpointing:
             original = transformer._gradient_checkpointing_func
             transformer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
-        cond = policy.encode_prompt(list(prompts))
+        cond = policy.encode_prompt(list(prompts), conditions, size, size)
         x = policy.prepare_latents(len(prompts), size, size, torch.Generator().manual_seed(0))
         policy.velocity(x, torch.tensor([0.8, 0.3]), cond, guidance_scale).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in policy.named_trainable_parameters() if p.grad is not None})

@@ -199,6 +199,9 @@ class ModelAdapter:
     #: how many condition images one sample takes, ``(fewest, most)``: ``(0, 0)`` for a text-to-image or
     #: text-to-video family, ``(1, 1)`` for image-to-video, ``(0, 1)`` for a model that edits or generates
     condition_images: tuple[int, int] = (0, 0)
+    #: pixels of a condition image after the family's resize (``policy.condition_image_area``); None = the stock
+    #: pipeline's own preprocessing
+    condition_image_area: int | None = None
 
     def __init__(self, pipeline, max_sequence_length: int | None = None, num_frames: int | None = None):
         self.pipeline = pipeline
@@ -223,6 +226,34 @@ class ModelAdapter:
         inputs must give the same bits (the rows are cached and re-encoded for the unconditional branch)."""
         raise NotImplementedError(f"{type(self).__name__} takes no condition images")
 
+    def check_conditions(self, conditions: Sequence | None) -> None:
+        """Refuses condition images this family cannot use, or their absence where it needs them, in one line."""
+        low, high = self.condition_images
+        family = type(self.pipeline).__name__
+        if conditions is None:
+            if low > 0:
+                raise ConfigError(f"{family} generates from condition images, and none were given; give prompt files "
+                                  'whose rows name them ({"prompt": ..., "images": ["a.png"]}), or flowrl sample '
+                                  "--images")
+            return
+        if high == 0:
+            raise ConfigError(f"{family} takes no condition images, but the prompts name some; use a prompt file "
+                              "without images, or an editing / image-to-video model")
+        for c in conditions:
+            if not low <= len(c) <= high:
+                where = f" ({', '.join(c.sources)})" if c.sources else ""
+                allowed = str(low) if low == high else f"{low} to {high}"
+                raise ConfigError(f"a sample has {len(c)} condition images{where}; {family} takes {allowed} per "
+                                  "sample")
+
+    def stock_condition_kwargs(self, condition, height: int, width: int) -> dict:
+        """The stock pipeline's ``__call__`` arguments that hand it ``condition``'s images as :meth:`encode_condition`
+        sees them (``flowrl sample`` draws edits with the stock call): ``image=`` one PIL image, or a list of them."""
+        from flowrl.conditions import to_pil_image
+
+        images = [to_pil_image(im) for im in condition]
+        return {"image": images[0] if len(images) == 1 else images}
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one sample's latent (no batch dim) for an image of ``height`` x ``width`` pixels."""
         raise NotImplementedError
@@ -240,6 +271,11 @@ class ModelAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], float32 ``(B, C, H, W)`` (videos ``(B, T, C, H, W)``)."""
         raise NotImplementedError
+
+    def decode_conditioned(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """:meth:`decode` of the samples of ``cond``: a family whose latents leave out a given part keeps it in the
+        conditioning and puts it back here (Wan2.2 TI2V's first frame); the default ignores ``cond``."""
+        return self.decode(latents)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to (normalised) latents; used by pretraining-style losses and tests."""

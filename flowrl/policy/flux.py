@@ -101,25 +101,31 @@ class FluxAdapter(PackedLatentsAdapter):
 
     # ------------------------------------------------------------------ denoiser
     def forward(self, denoiser, latents, sigma, cond, guidance=None):
+        _, _, h, w = latents.shape
+        out = self.transformer_call(denoiser, self.pack(latents), sigma, cond, guidance, self.image_ids(h, w, latents.device))
+        return self.unpack(out, h, w)
+
+    def transformer_call(self, denoiser, hidden: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                         guidance: float | None, img_ids: torch.Tensor) -> torch.Tensor:
+        """The transformer on the packed token sequence ``hidden`` with position ids ``img_ids``, as the stock
+        pipeline calls it (FLUX.1-Kontext appends its condition image's tokens to ``hidden``)."""
         self.check_guidance(guidance)
         param = next(denoiser.parameters())
-        b, _, h, w = latents.shape
         if self.has_guidance_embedding:  # the stock pipeline passes the scale as float32, one per sample
             scale = 1.0 if guidance is None else float(guidance)
-            guidance_input = torch.full((b,), scale, dtype=torch.float32, device=latents.device)
+            guidance_input = torch.full((hidden.shape[0],), scale, dtype=torch.float32, device=hidden.device)
         else:
             guidance_input = None
-        out = denoiser(
-            hidden_states=self.pack(latents).to(param.dtype),
+        return denoiser(
+            hidden_states=hidden.to(param.dtype),
             timestep=sigma.to(param.dtype),  # the transformer multiplies by 1000 itself (stock: t / 1000)
             guidance=guidance_input,
             pooled_projections=cond["pooled_projections"].to(param.dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(param.dtype),
-            txt_ids=cond["txt_ids"].to(latents.device),
-            img_ids=self.image_ids(h, w, latents.device),
+            txt_ids=cond["txt_ids"].to(hidden.device),
+            img_ids=img_ids,
             return_dict=False,
         )[0]
-        return self.unpack(out, h, w)
 
     # ------------------------------------------------------------------ VAE
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -51,11 +51,16 @@ class PolicyConfig:
             float32, bfloat16 or float16; trained weights stay float32.
         revision: hub revision (branch, tag or commit) to load.
         variant: weight-file variant to load (e.g. ``fp16``).
+        pipeline_class: the diffusers pipeline class to load the model as, where it is not the one its
+            ``model_index.json`` names (``WanImageToVideoPipeline`` for Wan2.2 TI2V-5B image-to-video); null = that one.
         gradient_checkpointing: recompute the transformer's activations in the backward pass (less memory).
         uncond_gradient: with classifier-free guidance in training, differentiate the unconditional branch too
             (Flow-GRPO); false treats it as a constant and saves memory.
         prompt_cache_mb: host memory for prompt embeddings kept across iterations (a prompt seen before is not
             encoded again; the text encoders are frozen, so the result is the same); 0 = encode every batch.
+        condition_image_area: pixels of a condition image once the family resizes it (editing and image-to-video
+            families; aspect ratio kept, sides rounded as the family needs); null = the family's stock
+            preprocessing (FLUX.1-Kontext: its preferred resolutions near 1024x1024; Qwen-Image-Edit: 1024x1024).
         fsdp: how FSDP2 shards the denoiser under a sharding strategy (:class:`flowrl.policy.sharding.FullyShard`:
             param_dtype, reduce_dtype, cpu_offload, reshard_after_forward, blocks); null = its defaults there.
             Set under another strategy it is an error (it would do nothing).
@@ -72,9 +77,11 @@ class PolicyConfig:
     frozen_dtype: str = "float32"
     revision: str | None = None
     variant: str | None = None
+    pipeline_class: str | None = None
     gradient_checkpointing: bool = False
     uncond_gradient: bool = True
     prompt_cache_mb: float = 1024.0
+    condition_image_area: int | None = None
     fsdp: FullyShard | None = None
 
     def __post_init__(self):
@@ -90,8 +97,11 @@ class PolicyConfig:
         check_number("policy.max_sequence_length", self.max_sequence_length, 1, allow_none=True)
         check_number("policy.num_frames", self.num_frames, 1, allow_none=True, hint=" (video models; null = default)")
         check_number("policy.prompt_cache_mb", self.prompt_cache_mb, 0, hint=" (0 = no cache)")
+        check_number("policy.condition_image_area", self.condition_image_area, 256, allow_none=True,
+                     hint=" (pixels, e.g. 262144 for 512x512; null = the family's stock size)")
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
+        _pipeline_loader(self.pipeline_class)  # a misspelt class fails here, before any loading
         path = resolve_model_path(self.pretrained_model_name_or_path)
         if _is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(
@@ -129,6 +139,19 @@ def _loading_bars_on_a_terminal_only():
             lib.enable_progress_bar()
 
 
+def _pipeline_loader(name: str | None):
+    """``DiffusionPipeline`` (the class the model folder names), or the diffusers pipeline class ``name``."""
+    import diffusers
+
+    if name is None:
+        return diffusers.DiffusionPipeline
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ConfigError(f"policy.pipeline_class={name!r} is not a diffusers pipeline class; use e.g. "
+                          "WanImageToVideoPipeline, or null for the class the model's model_index.json names")
+    return cls
+
+
 def _load_pipeline(config: PolicyConfig):
     from diffusers import DiffusionPipeline
 
@@ -138,7 +161,7 @@ def _load_pipeline(config: PolicyConfig):
     # Components saved as null (e.g. an SD3 without T5) must be passed as None explicitly.
     none_components = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     with _loading_bars_on_a_terminal_only():
-        return DiffusionPipeline.from_pretrained(path, **none_components, **kwargs)
+        return _pipeline_loader(config.pipeline_class).from_pretrained(path, **none_components, **kwargs)
 
 
 class FlowMatchingPolicy(nn.Module):
@@ -163,6 +186,7 @@ class FlowMatchingPolicy(nn.Module):
         gradient_checkpointing: bool = False,
         uncond_gradient: bool = True,
         prompt_cache_mb: float = 1024.0,
+        condition_image_area: int | None = None,
         fsdp: FullyShard | dict | None = None,
     ):
         super().__init__()
@@ -172,6 +196,11 @@ class FlowMatchingPolicy(nn.Module):
         if finetune_type not in FINETUNE_TYPES:
             raise ConfigError(f"finetune_type={finetune_type!r}; choose one of {FINETUNE_TYPES}")
         self.adapter = adapter_for(pipeline, max_sequence_length=max_sequence_length, num_frames=num_frames)
+        if condition_image_area is not None:
+            if self.adapter.condition_images == (0, 0):
+                raise ConfigError(f"policy.condition_image_area is set, but {type(pipeline).__name__} takes no "
+                                  "condition images; remove it (null) for this model")
+            self.adapter.condition_image_area = int(condition_image_area)
         self.pipeline = pipeline
         self.finetune_type = finetune_type
         self.transformer = self.adapter.denoiser
@@ -208,7 +237,7 @@ class FlowMatchingPolicy(nn.Module):
     @classmethod
     def from_config(cls, config: PolicyConfig) -> FlowMatchingPolicy:
         kwargs = asdict(config) | {"fsdp": config.fsdp}
-        for key in ("pretrained_model_name_or_path", "revision", "variant"):
+        for key in ("pretrained_model_name_or_path", "revision", "variant", "pipeline_class"):
             kwargs.pop(key)
         return cls(_load_pipeline(config), **kwargs)
 
@@ -307,25 +336,9 @@ class FlowMatchingPolicy(nn.Module):
 
     def check_conditions(self, conditions: Sequence[ConditionImages] | None, n: int | None = None) -> None:
         """Refuses condition images this family cannot use, or their absence where it needs them, in one line."""
-        low, high = self.adapter.condition_images
-        family = type(self.pipeline).__name__
-        if conditions is None:
-            if low > 0:
-                raise ConfigError(f"{family} generates from condition images, and none were given; give prompt files "
-                                  'whose rows name them ({"prompt": ..., "images": ["a.png"]}), or flowrl sample '
-                                  "--images")
-            return
-        if n is not None and len(conditions) != n:
+        if conditions is not None and n is not None and len(conditions) != n:
             raise ValueError(f"{len(conditions)} condition entries for {n} prompts")
-        if high == 0:
-            raise ConfigError(f"{family} takes no condition images, but the prompts name some; use a prompt file "
-                              "without images, or an editing / image-to-video model")
-        for c in conditions:
-            if not low <= len(c) <= high:
-                where = f" ({', '.join(c.sources)})" if c.sources else ""
-                allowed = str(low) if low == high else f"{low} to {high}"
-                raise ConfigError(f"a sample has {len(c)} condition images{where}; {family} takes {allowed} per "
-                                  "sample")
+        self.adapter.check_conditions(conditions)
 
     def null_condition(self, batch_size: int, cond: Conditioning | None = None) -> Conditioning:
         """Conditioning of the negative prompt, the unconditional branch of classifier-free guidance: the empty
@@ -417,6 +430,8 @@ class FlowMatchingPolicy(nn.Module):
         """Whether the denoiser has an active dropout (its train and eval passes then differ)."""
         return any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.transformer.modules())
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        """Images (videos) of ``latents``; ``cond``: their conditioning, for a family whose latents leave a given part
+        out (:meth:`ModelAdapter.decode_conditioned`)."""
         with torch.no_grad():
-            return self.adapter.decode(latents)
+            return self.adapter.decode(latents) if cond is None else self.adapter.decode_conditioned(latents, cond)

@@ -18,7 +18,8 @@ __all__ = ["available_rewards", "build_reward", "register_reward"]
 
 #: the modules whose import registers the built-in rewards
 BUILTIN_MODULES = ("flowrl.rewards.clip", "flowrl.rewards.hps", "flowrl.rewards.image_reward", "flowrl.rewards.jpeg",
-                   "flowrl.rewards.ocr", "flowrl.rewards.remote", "flowrl.rewards.video")
+                   "flowrl.rewards.ocr", "flowrl.rewards.remote", "flowrl.rewards.video",
+                   "flowrl.rewards.vlm_judge", "flowrl.rewards.clip_edit")
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 

@@ -99,7 +99,7 @@ class RolloutSampler:
                 with self.profile("sampling_steps"):
                     finals.append(self._steps(x, range(num_inference_steps), [sl], *steps))
                 with self.profile("decode"):
-                    images.append(policy.decode(finals[-1]))
+                    images.append(policy.decode(finals[-1], cond.select(sl)))
                 if on_chunk is not None:
                     on_chunk(sl, images[-1])
         else:
@@ -110,7 +110,7 @@ class RolloutSampler:
                     x = self._steps(x, list(run), train_chunks if is_trained else wide_chunks, *steps)
             finals = [x]
             with self.profile("decode"):
-                images = [policy.decode(x[sl]) for sl in wide_chunks]
+                images = [policy.decode(x[sl], cond.select(sl)) for sl in wide_chunks]
         # each stored field, (B, K, ...): a trained step's chunks in sample order, the K trained steps stacked
         fields = {"latents": 0, "next_latents": 1, "log_probs": 2, "means": 3, "v_uncond": 4} if keep else {}
         if not store_means:

@@ -21,6 +21,11 @@ BASES = [os.path.join(ROOT, "lightning_configs", "toy", "base.yaml")] + sorted(
 CONFIGS = [c for c in ALL_CONFIGS if c not in OVERLAYS and c not in PRESETS and c not in BASES]
 
 
+#: families whose configs score with a reward that downloads weights (CLIP): tests swap in an offline reward (the
+#: reward itself runs on a tiny CLIP in tests/e2e/test_editing.py)
+DOWNLOADING_REWARDS = {"flux_kontext"}
+
+
 def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list[str]:
     """Shrink any config to a few seconds of CPU work on the tiny pipeline of its family (or the toy model)."""
     args = [
@@ -49,8 +54,23 @@ def tiny_overrides(config: str, tiny_path: str | None, prompt_file: str) -> list
             f"--data.train_prompts={prompt_file}",
             f"--data.val_prompts={prompt_file}",
         ]
-    if os.sep + "wan" + os.sep in config:
+    if config_family(config) in DOWNLOADING_REWARDS:  # its reward's weights cannot be downloaded here
+        args.append("--model.rewards=[{name: jpeg_compressibility, args: {}}]")
+    if any(os.sep + d + os.sep in config for d in ("wan", "wan22")):
         args.append("--model.policy.num_frames=5")  # the tiny Wan's shortest clip, instead of the config's 33
+    if config_family(config) == "wan_i2v":  # image-to-video: the same prompts, each row naming its first frame
+        from pathlib import Path
+
+        from contract import image_prompt_file
+
+        prompts = [p for p in open(prompt_file, encoding="utf-8").read().splitlines() if p.strip()]
+        rows = image_prompt_file(Path(prompt_file).parent, prompts)
+        args += ["--model.policy.num_frames=5", f"--data.train_prompts={rows}", f"--data.val_prompts={rows}"]
+    if config_family(config) == "qwen_image_edit":  # editing: rows naming condition images, resized to 32 x 32 px
+        args.append("--model.policy.condition_image_area=1024")  # (the stock 1024 x 1024: 65k tiny-VAE tokens)
+        if not prompt_file.endswith(".jsonl"):  # a plain prompt file: the shipped example edits instead
+            edits = os.path.join(ROOT, "examples", "prompts", "edits.jsonl")
+            args += [f"--data.train_prompts={edits}", f"--data.val_prompts={edits}"]
     if tiny_path is not None and trainer_type_from_args(["--config", config]) == "diffusion-opd":
         # the config's teachers are the user's LoRAs of the real model: the tiny pipeline (an exported model folder)
         # teaches instead

@@ -34,6 +34,35 @@ class MeanBrightness:
         return images.float().reshape(images.shape[0], -1).mean(1)
 
 
+def condition_images(seed: int, size=(3, 16, 24)):
+    """A random 8-bit RGB image as a condition (values k / 255, as decoded from a PNG)."""
+    from flowrl.conditions import ConditionImages
+
+    g = torch.Generator().manual_seed(seed)
+    return ConditionImages.from_tensors(torch.randint(0, 256, size, generator=g).float() / 255)
+
+
+def image_prompt_file(directory, prompts, size=(16, 24), images_per_row=1) -> str:
+    """A JSONL prompt file whose rows name condition images (PNG files of ``size`` (height, width) written beside
+    it), one distinct set per distinct prompt."""
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for i, prompt in enumerate(dict.fromkeys(prompts)):
+        paths = []
+        for j in range(images_per_row):
+            image = condition_images(100 * i + j, (3, *size))[0]
+            path = directory / f"condition_{i}_{j}.png"
+            Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+            paths.append(path.name)
+        rows.append(json.dumps({"prompt": prompt, "images": paths}))
+    path = directory / "prompts_with_images.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
 class FamilyContract:
     #: the family's tiny pipeline (``flowrl.policy.tiny``)
     family: str = ""
@@ -51,6 +80,15 @@ class FamilyContract:
     @pytest.fixture()
     def path(self, tiny_pipeline_path):
         return tiny_pipeline_path(self.family)
+
+    def conditions(self, prompts=None):
+        """The condition images of ``prompts`` (default: :attr:`prompts`), one per prompt, for an image-conditioned
+        family (editing, image-to-video); None for a text-conditioned one."""
+        return None
+
+    def training_prompts(self, prompt_file: str, directory) -> str:
+        """The prompt file of its optimizer steps: an image-conditioned family's rows name condition images."""
+        return prompt_file
 
     def rewards(self):
         """The rewards of its runs (None: the tests' default, JPEG incompressibility)."""
@@ -74,7 +112,7 @@ class FamilyContract:
         """Every rollout log-prob is recomputed bit for bit by the training pass, also with a bf16 frozen base."""
         module = self.make(GRPO, path, frozen_dtype=frozen_dtype, clip_range=1e-2, noise_level=self.noise_level)
         randomize_lora(module)
-        rollout = module.rollout(self.prompts)
+        rollout = module.rollout(self.prompts, conditions=self.conditions())
         assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
         assert rollout.images.shape == (4, *self.image_shape)
         assert_on_policy_ratios_are_one(module, rollout, ADV)
@@ -99,7 +137,7 @@ class FamilyContract:
                   if isinstance(m, tuple(sharded_block_classes(sharded.policy.transformer)))]
         assert blocks and all(isinstance(m, FSDPModule) for m in [*blocks, sharded.policy.transformer])
         assert all(isinstance(p, DTensor) for p in sharded.policy.transformer.parameters())
-        rollouts = [m.rollout(self.prompts) for m in (plain, sharded)]
+        rollouts = [m.rollout(self.prompts, conditions=self.conditions()) for m in (plain, sharded)]
         torch.testing.assert_close(rollouts[1].latents, rollouts[0].latents, rtol=1e-5, atol=1e-6)
         assert_on_policy_ratios_are_one(sharded, rollouts[1], ADV)
         grads = []
@@ -137,7 +175,7 @@ class FamilyContract:
         else:
             assert trained and all("lora" in n for n in trained)
         before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-        trainer = fit_one_iteration(module, prompt_file, callbacks=callbacks)
+        trainer = fit_one_iteration(module, self.training_prompts(prompt_file, tmp_path), callbacks=callbacks)
         assert trainer.global_step >= 1 and torch.isfinite(torch.as_tensor(trainer.logged_metrics["train/loss"]))
         after = dict(module.policy.named_parameters())
         assert after.keys() == before.keys()
@@ -151,8 +189,9 @@ class FamilyContract:
 
     @pytest.mark.parametrize("finetune_type", ["lora", "full"])
     def test_gradient_checkpointing_gives_the_same_gradients(self, path, finetune_type):
+        conditions = self.conditions(self.prompts[1:3])
         off, on, calls = checkpointing_gradients(path, finetune_type, self.guidance, prompts=self.prompts[1:3],
-                                                 **self.policy_options)
+                                                 conditions=conditions, **self.policy_options)
         assert calls >= 1  # the blocks really ran checkpointed
         assert_same_gradients(off, on)
         self.check_checkpointing(path, finetune_type, off, on, calls)

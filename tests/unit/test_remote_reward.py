@@ -13,7 +13,14 @@ from tiny import fit_one_iteration, make_module
 from flowrl.algorithms import GRPO
 from flowrl.errors import ConfigError
 from flowrl.rewards import JpegCompressibility, RewardError
-from flowrl.rewards.remote import RemoteReward, decode_png, encode_png, server_healthy
+from flowrl.rewards.remote import (
+    TOKEN_ENV,
+    RemoteReward,
+    RewardServerError,
+    decode_png,
+    encode_png,
+    server_healthy,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,16 +41,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args, env=None):
+def start_server(*args, env=None, log=None):
+    """A ``flowrl serve-reward`` process on a free port of 127.0.0.1, once it answers ``/health`` (with the token
+    of ``env``, if any); its output goes to ``log`` (a path) when given, else to a pipe."""
     port = free_port()
+    env = {**os.environ, **(env or {})}
+    out = open(log, "wb") if log else subprocess.PIPE  # noqa: SIM115 (the process keeps it)
     proc = subprocess.Popen([sys.executable, "-m", "flowrl.cli", "serve-reward", *args, "--port", str(port)],
-                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
-    while not server_healthy(url, timeout=1.0):
+    while not server_healthy(url, timeout=1.0, token=env.get(TOKEN_ENV)):
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise AssertionError(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+            proc.wait()
+            output = open(log, "rb").read() if log else proc.stdout.read()
+            raise AssertionError(f"server did not start: {output.decode()[-2000:]}")
         time.sleep(0.2)
     return proc, url
 
@@ -88,7 +101,7 @@ def test_reward_error_on_the_server_reaches_the_client_and_the_server_stays_up(t
     try:
         client = RemoteReward(url, retries=2, backoff=0.01)
         images = eight_bit(2, 3, 8, 8)
-        with pytest.raises(RuntimeError, match="cannot score boom"):
+        with pytest.raises(RewardServerError, match="answered 500: the reward raised RuntimeError: cannot score boom"):
             client(images, ["ok", "boom"])
         assert client.healthy() and client(images, ["ok", "fine"]).tolist() == [1.0, 1.0]
     finally:
