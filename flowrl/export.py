@@ -109,7 +109,8 @@ def _save_lora(policy, out_dir: str) -> dict[str, Any]:
                   get_peft_model_state_dict(part, adapter_name=name).items()}
         if fold is not None:
             layers = {k: v * fold if ".lora_B." in k else v for k, v in layers.items()}
-        save(out_dir, transformer_lora_layers=layers, weight_name=weight_name, safe_serialization=True, **kwargs)
+        named = {} if weight_name == LORA_WEIGHT_NAME_SAFE else {"weight_name": weight_name}  # (the default name)
+        save(out_dir, transformer_lora_layers=layers, safe_serialization=True, **named, **kwargs)
     calls = [f"load_lora_weights(<this directory>{''.join(f', {k}={v!r}' for k, v in extra.items())})"
              for _, _, extra in files]
     load_with = (f"{cls.__name__}.from_pretrained(base_model).{calls[0]}" if len(calls) == 1 else

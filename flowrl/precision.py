@@ -125,7 +125,14 @@ def _time_passes(policy, precision: str, batch_size: int, height: int, width: in
     micro-batch, in ``precision``. Gradients are dropped afterwards; no global random state is used."""
     gen = torch.Generator().manual_seed(0)
     latents = policy.prepare_latents(batch_size, height, width, gen)
-    cond = policy.encode_prompt(["a photo"] * batch_size)
+    low, _ = policy.adapter.condition_images
+    if low:  # an image-to-video / editing family: grey condition images of the output size, as a row would give
+        from flowrl.conditions import ConditionImages
+
+        grey = ConditionImages.from_tensors(torch.full((low, 3, height, width), 0.5))
+        cond = policy.encode_prompt(["a photo"] * batch_size, [grey] * batch_size, height, width)
+    else:
+        cond = policy.encode_prompt(["a photo"] * batch_size)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext())
     params = list(policy.trainable_parameters())

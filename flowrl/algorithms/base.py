@@ -184,6 +184,10 @@ class FlowRLModule(L.LightningModule):
         data_group = getattr(getattr(self.trainer, "datamodule", None), "group_size", None)
         if data_group is not None and data_group != self.group_size:
             raise ConfigError(f"model.group_size={self.group_size} but data.group_size={data_group}; set them equal")
+        for part in ("train_rows", "val_rows"):  # condition images the family cannot use, or needs and lacks
+            rows = getattr(getattr(self.trainer, "datamodule", None), part, None)
+            if rows is not None:
+                self.policy.check_conditions(rows.images)
         ref = self.kl_reference
         if ref is not None and ref.kl_type == "x-based" and not self.dynamics.is_stochastic:
             raise ConfigError(f"kl_type 'x-based' compares the SDE step means, which dynamics {self.dynamics.name!r} "

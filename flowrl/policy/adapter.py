@@ -239,9 +239,10 @@ class ModelAdapter:
         if high == 0:
             raise ConfigError(f"{family} takes no condition images, but the prompts name some; use a prompt file "
                               "without images, or an editing / image-to-video model")
-        for c in conditions:
+        for c in conditions:  # ConditionImages, or a row's tuple of image paths
             if not low <= len(c) <= high:
-                where = f" ({', '.join(c.sources)})" if c.sources else ""
+                sources = getattr(c, "sources", None) or [x for x in c if isinstance(x, str)]
+                where = f" ({', '.join(sources)})" if sources else ""
                 allowed = str(low) if low == high else f"{low} to {high}"
                 raise ConfigError(f"a sample has {len(c)} condition images{where}; {family} takes {allowed} per "
                                   "sample")

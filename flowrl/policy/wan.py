@@ -14,8 +14,9 @@ VAE ``AutoencoderKLWan``), as the stock diffusers pipeline runs it.
 * ``decode`` undoes the VAE's ``latents_mean`` / ``latents_std`` normalisation exactly as ``WanPipeline`` does and
   returns videos ``(B, T, C, H, W)`` in [0, 1].
 
-Wan2.2's two-expert pipelines (``transformer_2`` / ``boundary_ratio``) are refused; Wan2.2 TI2V's per-token
-timesteps (``expand_timesteps``) are passed as the stock pipeline passes them for text-to-video.
+Wan2.2 A14B's two-expert pipelines (a ``transformer_2``) are :class:`flowrl.policy.wan22.Wan22Adapter`'s; a
+``boundary_ratio`` without a ``transformer_2`` is refused (the stock pipeline would call a missing expert). Wan2.2
+TI2V's per-token timesteps (``expand_timesteps``) are passed as the stock pipeline passes them for text-to-video.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ class WanAdapter(ModelAdapter):
 
     def __init__(self, pipeline, max_sequence_length: int | None = None, num_frames: int | None = None):
         super().__init__(pipeline, max_sequence_length, num_frames)
-        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("boundary_ratio") is not None:
+        if pipeline.config.get("boundary_ratio") is not None and getattr(pipeline, "transformer_2", None) is None:
             raise ConfigError(
-                "this WanPipeline has two experts (transformer_2 / boundary_ratio, Wan2.2 A14B), which flowrl does "
-                "not train; use a single-transformer Wan model such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+                f"this WanPipeline has boundary_ratio={pipeline.config.boundary_ratio} but no transformer_2 (Wan2.2 "
+                "A14B's low-noise expert); load the model with both experts, or set boundary_ratio to null for one"
             )
         if self.max_sequence_length is None:
             self.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH

@@ -5,8 +5,10 @@ unchanged with :class:`RemoteReward`, and ``flowrl serve-reward`` serves their c
 
 - ``GET /health``: status 200 when the server is up (``{"status": "ok"}``).
 - ``POST /compute`` with JSON ``{"prompt": [...], "image": [base64 PNG, ...] | null,
-  "video": [[base64 PNG frame, ...], ...] | null, "condition_images": null, "condition_videos": null,
-  "kwargs": null}``; the answer is ``{"rewards": [float, ...]}`` (one per prompt).
+  "video": [[base64 PNG frame, ...], ...] | null, "condition_images": [[base64 PNG, ...] | null, ...] | null,
+  "condition_videos": null, "kwargs": null}``; the answer is ``{"rewards": [float, ...]}`` (one per prompt).
+  ``condition_images``: each sample's condition images (editing, image-to-video), given to a served reward that
+  uses them (``uses_condition_images``) and ignored by one that does not.
 - Every other answer is JSON ``{"error": "..."}`` naming the problem: 4xx for a request the server refuses (400
   malformed, 401 a missing or wrong bearer token, 404 / 405 a wrong path or method, 411 no Content-Length, 413
   too large: the body, checked from Content-Length before it is read, or the images it decodes to), 500 when the
@@ -74,12 +76,16 @@ def decode_png(data: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def payload(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, Any]:
-    """The ``/compute`` request for a batch of images ``(B, C, H, W)`` or videos ``(B, T, C, H, W)``."""
+def payload(images: torch.Tensor, prompts: Sequence[str], condition_images: Sequence | None = None) -> dict[str, Any]:
+    """The ``/compute`` request for a batch of images ``(B, C, H, W)`` or videos ``(B, T, C, H, W)``, with each
+    sample's condition images (a sequence of ``(3, H, W)`` tensors, or None) where there are some."""
     is_video = images.ndim == 5
     encoded = [[encode_png(f) for f in x] if is_video else encode_png(x) for x in images]
+    conditions = None
+    if condition_images is not None and any(c is not None and len(c) for c in condition_images):
+        conditions = [None if c is None else [encode_png(im) for im in c] for c in condition_images]
     return {"prompt": list(prompts), "image": None if is_video else encoded, "video": encoded if is_video else None,
-            "condition_images": None, "condition_videos": None, "kwargs": None}
+            "condition_images": conditions, "condition_videos": None, "kwargs": None}
 
 
 def token_from_env() -> str | None:
@@ -218,12 +224,16 @@ class RemoteReward:
         raise ConnectionError(f"reward server {self.url} did not answer after {self.retries} attempts ({last}); "
                               "is it running? (`flowrl serve-reward ...`)") from last
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    #: the samples' condition images travel in the request (``condition_images``) where a batch has some
+    uses_condition_images = True
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], condition_images=None) -> torch.Tensor:
         size = self.batch_size or len(prompts)
         scores: list[float] = []
         for i in range(0, len(prompts), size):
             chunk = prompts[i:i + size]
-            scores += self._post(json.dumps(payload(images[i:i + size], chunk)).encode(), len(chunk))
+            conditions = None if condition_images is None else condition_images[i:i + size]
+            scores += self._post(json.dumps(payload(images[i:i + size], chunk, conditions)).encode(), len(chunk))
         return torch.tensor(scores, dtype=torch.float32)
 
 
@@ -375,12 +385,14 @@ class RewardHandler(BaseHTTPRequestHandler):
         if body is None:
             return
         try:
-            prompts, images = parse_compute(body, self.server.max_pixels)
+            prompts, images, conditions = parse_compute(body, self.server.max_pixels)
         except BadRequest as err:
             return self._answer(err.status, {"error": str(err)})
+        reward = self.server.reward
+        extra = {"condition_images": conditions} if getattr(reward, "uses_condition_images", False) else {}
         try:
             with self.server.lock, torch.no_grad():
-                scores = torch.as_tensor(self.server.reward(images, prompts)).float().reshape(-1).tolist()
+                scores = torch.as_tensor(reward(images, prompts, **extra)).float().reshape(-1).tolist()
         except Exception as err:  # noqa: BLE001 (the reward's failure goes back to the client; the server stays up)
             self.log_message("the reward raised %s: %s", type(err).__name__, err)
             if _debug():

@@ -22,7 +22,7 @@ from PIL import Image
 __all__ = ["FIELDS", "BadRequest", "parse_compute"]
 
 FIELDS = ("prompt", "image", "video", "condition_images", "condition_videos", "kwargs")
-UNSUPPORTED = ("condition_images", "condition_videos", "kwargs")  # the protocol has them; a flowrl reward takes none
+UNSUPPORTED = ("condition_videos", "kwargs")  # the protocol has them; a flowrl reward takes none
 
 
 class BadRequest(ValueError):
@@ -135,11 +135,39 @@ def _decode(image: Image.Image, where: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
 
 
-def parse_compute(body: bytes, max_pixels: int) -> tuple[list[str], torch.Tensor]:
-    """The prompts and the batch, ``(B, 3, H, W)`` images or ``(B, T, 3, H, W)`` videos, float32 in [0, 1], of a
-    ``/compute`` body; :class:`BadRequest` when the body is not one ``flowrl serve-reward`` can score."""
+def _conditions(request: dict[str, Any], n: int, max_pixels: int) -> list | None:
+    """Each sample's condition images (:class:`flowrl.conditions.ConditionImages`, or None), each image at its own
+    size, all together under ``max_pixels``."""
+    from flowrl.conditions import ConditionImages
+
+    value = request.get("condition_images")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n:
+        raise BadRequest(f"condition_images must be a list with one entry per prompt ({n}), each a list of base64 "
+                         f"PNGs or null; got {_kind(value) if not isinstance(value, list) else f'{len(value)} entries'}")
+    opened, total = [], 0
+    for i, entry in enumerate(value):
+        if entry is not None and not isinstance(entry, list):
+            raise BadRequest(f"condition_images[{i}] must be a list of base64 PNGs or null; got {_kind(entry)}")
+        images = [_open(data, f"condition_images[{i}][{j}]") for j, data in enumerate(entry or [])]
+        total += sum(im.size[0] * im.size[1] for im in images)
+        opened.append(None if entry is None else images)
+    if total > max_pixels:
+        raise BadRequest(f"the condition images decode to {total} pixels, above this server's limit of {max_pixels} "
+                         "(--max-pixels); send fewer samples per request", 413)
+    return [None if images is None else
+            ConditionImages([_decode(im, f"condition_images[{i}][{j}]") for j, im in enumerate(images)])
+            for i, images in enumerate(opened)]
+
+
+def parse_compute(body: bytes, max_pixels: int) -> tuple[list[str], torch.Tensor, list | None]:
+    """The prompts, the batch (``(B, 3, H, W)`` images or ``(B, T, 3, H, W)`` videos, float32 in [0, 1]) and each
+    sample's condition images (None when the request has none) of a ``/compute`` body; :class:`BadRequest` when the
+    body is not one ``flowrl serve-reward`` can score."""
     request = _json(body)
     prompts = _prompts(request)
+    conditions = _conditions(request, len(prompts), max_pixels)
     samples, key = _frames(request, len(prompts))
     opened = [[_open(data, _where(key, i, j)) for j, data in enumerate(frames)] for i, frames in enumerate(samples)]
     first = opened[0][0].size
@@ -155,4 +183,4 @@ def parse_compute(body: bytes, max_pixels: int) -> tuple[list[str], torch.Tensor
                          "(--max-pixels); send fewer samples per request (the remote reward's batch_size)", 413)
     batch = torch.stack([torch.stack([_decode(image, _where(key, i, j)) for j, image in enumerate(frames)])
                          for i, frames in enumerate(opened)])
-    return prompts, batch[:, 0] if key == "image" else batch
+    return prompts, batch[:, 0] if key == "image" else batch, conditions

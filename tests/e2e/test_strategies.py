@@ -11,7 +11,8 @@ from tiny import make_module
 
 from flowrl.cli import main
 
-FAMILY_CONFIG = {"sd3": "sd35", "flux": "flux", "qwen_image": "qwen_image", "wan": "wan"}
+FAMILY_CONFIG = {"sd3": "sd35", "flux": "flux", "qwen_image": "qwen_image", "wan": "wan", "wan22": "wan22",
+                 "flux2": "flux2"}
 
 
 def _family(preset: str) -> str:

@@ -137,7 +137,13 @@ BAD_BODIES = {  # name: (body, status, what the error says)
     "a video without frames": ({"prompt": ["a"], "video": [[]]}, 400, "video[0] must be a non-empty list"),
     "a video frame not an image": ({"prompt": ["a"], "video": [[png(), "aGVsbG8="]]}, 400,
                                    "video[0][1] is not an image"),
-    "condition images": (body(condition_images=[[png()]]), 400, "condition_images is not supported"),
+    "condition images, one entry short": (body(["a", "b"], condition_images=[[png()]]), 400,
+                                          "condition_images must be a list with one entry per prompt (2)"),
+    "a condition image in bad base64": (body(condition_images=[["%%%"]]), 400,
+                                        "condition_images[0][0] is not valid base64"),
+    "condition images not a list": (body(condition_images=[png()]), 400,
+                                    "condition_images[0] must be a list of base64 PNGs or null; got str"),
+    "condition videos": (body(condition_videos=[[png()]]), 400, "condition_videos is not supported"),
     "a decompression bomb": (body(image=[png_claiming(20_000, 20_000)]), 413, "image[0] is too large to decode"),
     "an image above PIL's limit": (body(image=[png_claiming(10_000, 10_000)]), 413,
                                    "above the limit of 89478485 pixels per image"),
@@ -300,3 +306,22 @@ def test_bad_server_options_are_one_error_line(monkeypatch, capsys):
             console_main(["serve-reward", "--reward", "jpeg_compressibility", "--port", "0", *argv])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1
+
+
+def test_condition_images_travel_and_decode_to_what_was_sent():
+    """The client's request carries each sample's condition images; the server decodes them (at their own sizes)
+    to what the reward would have seen locally (8-bit values)."""
+    import json
+
+    from flowrl.conditions import ConditionImages
+    from flowrl.rewards.remote import payload
+    from flowrl.rewards.remote_request import parse_compute
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 16, 16), generator=g).float() / 255
+    conditions = [ConditionImages.from_tensors(torch.randint(0, 256, (3, 24, 16), generator=g).float() / 255), None]
+    request = payload(images, ["a", "b"], conditions)
+    prompts, batch, decoded = parse_compute(json.dumps(request).encode(), 10**7)
+    assert prompts == ["a", "b"] and torch.equal(batch, images) and decoded[1] is None
+    assert torch.equal(decoded[0][0], conditions[0][0])
+    assert payload(images, ["a", "b"], [None, None])["condition_images"] is None  # nothing to send
