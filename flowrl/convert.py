@@ -61,7 +61,10 @@ def _r(note: str) -> Rule:
 
 #: Flow-Factory's model types flowrl has families for, and their strategy presets' block names
 FAMILIES = {"sd3-5": "JointTransformerBlock", "flux1": "FluxTransformerBlock", "qwen-image": "QwenImageTransformerBlock",
-            "wan2_t2v": "WanTransformerBlock"}
+            "wan2_t2v": "WanTransformerBlock", "flux1-kontext": "FluxTransformerBlock",
+            "z-image": "ZImageTransformerBlock", "wan2_i2v": "WanTransformerBlock"}
+#: model types whose hub folders may name another pipeline class than the one flowrl trains them in
+PIPELINE_CLASSES = {"wan2_i2v": "WanImageToVideoPipeline"}
 #: Flow-Factory's trainer types -> flowrl's algorithm classes
 TRAINERS = {"grpo": "GRPO", "grpo-guard": "GRPOGuard", "nft": "NFT", "awm": "AWM", "dgpo": "DGPO", "dpo": "DiffusionDPO",
             "crd": "CRD", "dppo": "FlowDPPO", "diffusion-opd": "DiffusionOPD"}
@@ -101,7 +104,8 @@ RULES: dict[str, Rule] = {
     "data.video_dir": _r("condition videos are not supported; remove it"),
     "data.audio_dir": _r("audio is not supported; remove it"),
     # model
-    "model.model_type": _m("model.policy (the family)", "sd3-5, flux1, qwen-image, wan2_t2v; others refused by name"),
+    "model.model_type": _m("model.policy (the family)", "sd3-5, flux1, flux1-kontext, qwen-image, z-image, wan2_t2v, "
+                           "wan2_i2v; others refused by name"),
     "model.model_name_or_path": _m("model.policy.pretrained_model_name_or_path"),
     "model.finetune_type": _m("model.policy.finetune_type"),
     "model.lora_rank": _m("model.policy.lora_rank"),
@@ -329,7 +333,10 @@ def convert(ff: dict, config_dir: str = ".") -> Conversion:
         c.note("model.model_type", REFUSED, f"model_type {model_type!r} has no flowrl family; flowrl has "
                f"{', '.join(FAMILIES)}")
     elif "model_type" in model:
-        c.note("model.model_type", what=f"the {model_type} family (from the checkpoint's pipeline)")
+        c.note("model.model_type", what=f"the {model_type} family (from the checkpoint's pipeline)"
+               + (f"; policy.pipeline_class: {PIPELINE_CLASSES[model_type]}" if model_type in PIPELINE_CLASSES else ""))
+        if model_type in PIPELINE_CLASSES:
+            c.put("model.init_args.policy.pipeline_class", PIPELINE_CLASSES[model_type])
     init = "model.init_args"
     c.put(f"{init}.policy.pretrained_model_name_or_path", model.get("model_name_or_path", "black-forest-labs/FLUX.1-dev"))
     finetune = str(model.get("finetune_type", "full"))

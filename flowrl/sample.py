@@ -64,9 +64,12 @@ def load_sampling_pipeline(model: str | None = None, lora: str | None = None):
         model = model or info.get("pretrained_model_name_or_path") or info.get("base_model")
     if not model:
         raise ConfigError("give --model (a hub id, a local folder or flowrl:toy), --lora, or --ckpt_path with --config")
-    pipeline = _load_pipeline(PolicyConfig(model))
+    # the class the LoRA was trained in (Wan2.2 TI2V-5B trains image-to-video from a text-to-video model folder)
+    pipeline = _load_pipeline(PolicyConfig(model, pipeline_class=info.get("pipeline_class") if lora else None))
     if lora is not None:
-        pipeline.load_lora_weights(lora)
+        # one file per part that carries LoRA (Wan2.2's two experts), each with the arguments that load it
+        for part in info.get("lora_files") or [{"load_lora_weights_kwargs": {}}]:
+            pipeline.load_lora_weights(lora, **part.get("load_lora_weights_kwargs", {}))
     return pipeline
 
 

@@ -6,6 +6,7 @@ import pytest
 from flowrl.cli import console_main, main
 from flowrl.errors import ConfigError
 from flowrl.fit import expand_config_bases, translate_argv, translate_config
+from flowrl.policy.tiny import FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "lightning_configs", "**", "*.yaml"), recursive=True))
@@ -201,7 +202,7 @@ def test_overlay_runs_a_few_steps_on_its_config(overlay, prompt_file, tmp_path, 
 
 def test_configs_exist():
     assert any("toy" in c for c in CONFIGS)
-    for family in ("sd35", "flux", "qwen_image", "wan"):  # real-model configs: grpo and nft for every family
+    for family in FAMILIES:  # real-model configs: grpo and nft for every family
         assert {os.path.basename(c) for c in CONFIGS if os.sep + family + os.sep in c} >= {"grpo.yaml", "nft.yaml"}
 
 

@@ -133,7 +133,7 @@ def test_a_converted_toy_config_trains_end_to_end(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda ff: ff["train"].update(colour="red"), "train.colour: unknown key"),
-    (lambda ff: ff["model"].update(model_type="flux1-kontext"), "model_type 'flux1-kontext' has no flowrl family"),
+    (lambda ff: ff["model"].update(model_type="ltx2_t2av"), "model_type 'ltx2_t2av' has no flowrl family"),
     (lambda ff: ff["train"].update(trainer_type="tdm"), "trainer_type 'tdm' has no flowrl algorithm"),
     (lambda ff: ff.update(eval_rewards=[{"name": "hps", "reward_model": "HPS"}]), "eval_rewards[0].reward_model"),
     (lambda ff: ff["rewards"].append({"name": "vlm", "reward_model": "vllm_evaluate"}), "vllm_evaluate"),
@@ -184,3 +184,17 @@ def test_eval_rewards_become_validation_only_rewards():
     assert c.out["model"]["init_args"]["eval_rewards"] == [
         {"weight": 1.0, "name": "clip_score", "label": "text"}, {"weight": 0.5, "name": "pickscore", "label": "pick"}]
     assert ("eval_rewards[0].batch_size", DROPPED, RULES["rewards.batch_size"].note) in c.report
+
+
+@pytest.mark.parametrize("model_type, pipeline_class", [("wan2_i2v", "WanImageToVideoPipeline"),
+                                                        ("flux1-kontext", None), ("z-image", None)])
+def test_the_image_conditioned_and_newer_families_convert(tmp_path, model_type, pipeline_class):
+    """Flow-Factory's editing, image-to-video and Z-Image model types become the flowrl families of the same models;
+    wan2_i2v trains in WanImageToVideoPipeline whatever pipeline the model folder names (Wan2.2 TI2V-5B)."""
+    ff = load(os.path.join(DATA, "grpo_lora_wan21_t2v.yaml"))
+    ff["model"]["model_type"] = model_type
+    source, out = tmp_path / "ff.yaml", tmp_path / "out.yaml"
+    source.write_text(yaml.safe_dump(ff))
+    console_main(["convert", str(source), "-o", str(out)])
+    policy = load(out)["model"]["init_args"]["policy"]
+    assert policy.get("pipeline_class") == pipeline_class

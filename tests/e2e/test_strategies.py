@@ -12,7 +12,8 @@ from tiny import make_module
 from flowrl.cli import main
 
 FAMILY_CONFIG = {"sd3": "sd35", "flux": "flux", "qwen_image": "qwen_image", "wan": "wan", "wan22": "wan22",
-                 "flux2": "flux2"}
+                 "flux2": "flux2", "flux_kontext": "flux_kontext", "z_image": "z_image", "wan_i2v": "wan_i2v",
+                 "qwen_image_edit": "qwen_image_edit"}
 
 
 def _family(preset: str) -> str:

@@ -10,11 +10,13 @@ import importlib
 __all__ = ["FAMILIES", "build_tiny_pipeline"]
 
 #: config directory names under lightning_configs/ -> family module
-FAMILIES = {"sd3": "sd3", "sd35": "sd3", "flux": "flux", "qwen_image": "qwen_image", "wan": "wan"}
+FAMILIES = {"sd35": "sd3", "flux": "flux", "qwen_image": "qwen_image", "wan": "wan", "flux_kontext": "flux_kontext",
+            "qwen_image_edit": "qwen_image_edit", "wan_i2v": "wan_i2v", "wan22": "wan22", "flux2": "flux2",
+            "z_image": "z_image"}
 
 
 def build_tiny_pipeline(family: str, seed: int = 0, **kwargs):
-    """A tiny random pipeline of ``family`` (``sd3``, ``flux``, ``qwen_image``, ``wan``)."""
+    """A tiny random pipeline of ``family`` (a module of this package: ``sd3``, ``flux``, ``wan_i2v`` ...)."""
     try:
         module = importlib.import_module(f"{__name__}.{FAMILIES.get(family, family)}")
     except ModuleNotFoundError as e:
