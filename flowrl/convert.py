@@ -62,7 +62,8 @@ def _r(note: str) -> Rule:
 #: Flow-Factory's model types flowrl has families for, and their strategy presets' block names
 FAMILIES = {"sd3-5": "JointTransformerBlock", "flux1": "FluxTransformerBlock", "qwen-image": "QwenImageTransformerBlock",
             "wan2_t2v": "WanTransformerBlock", "flux1-kontext": "FluxTransformerBlock",
-            "z-image": "ZImageTransformerBlock", "wan2_i2v": "WanTransformerBlock"}
+            "z-image": "ZImageTransformerBlock", "wan2_i2v": "WanTransformerBlock", "flux2": "Flux2TransformerBlock",
+            "flux2-klein": "Flux2TransformerBlock"}
 #: model types whose hub folders may name another pipeline class than the one flowrl trains them in
 PIPELINE_CLASSES = {"wan2_i2v": "WanImageToVideoPipeline"}
 #: Flow-Factory's trainer types -> flowrl's algorithm classes
@@ -99,13 +100,13 @@ RULES: dict[str, Rule] = {
     "data.force_reprocess": _d("no preprocessing cache"),
     "data.preprocess_parallelism": _d("no preprocessing pass"),
     "data.sampler_type": _d("flowrl's sampler keeps each group whole on one process (as group_contiguous)"),
-    "data.image_dir": _r("condition images are not supported yet (image-conditioned families are planned); remove "
-                         "it for a text-to-image run"),
+    "data.image_dir": _m("data.image_dir", "the folder of the rows' condition images (Flow-Factory's default for a "
+                         ".jsonl dataset, <dataset_dir>/images, written where that folder exists)"),
     "data.video_dir": _r("condition videos are not supported; remove it"),
     "data.audio_dir": _r("audio is not supported; remove it"),
     # model
-    "model.model_type": _m("model.policy (the family)", "sd3-5, flux1, flux1-kontext, qwen-image, z-image, wan2_t2v, "
-                           "wan2_i2v; others refused by name"),
+    "model.model_type": _m("model.policy (the family)", "sd3-5, flux1, flux1-kontext, flux2, flux2-klein, qwen-image, "
+                           "z-image, wan2_t2v, wan2_i2v; others refused by name"),
     "model.model_name_or_path": _m("model.policy.pretrained_model_name_or_path"),
     "model.finetune_type": _m("model.policy.finetune_type"),
     "model.lora_rank": _m("model.policy.lora_rank"),
@@ -800,7 +801,15 @@ def _data(c: Conversion, data: dict, config_dir: str, evals: dict) -> None:
                 "preprocess_parallelism", "sampler_type"):
         if key in data:
             c.note(f"data.{key}")
-    for key in ("image_dir", "video_dir", "audio_dir"):
+    image_dir = data.get("image_dir") or (os.path.join(folder, "images") if train_file.endswith(".jsonl") else None)
+    if image_dir is not None and os.path.isdir(image_dir):
+        c.put("data.image_dir", image_dir)
+        c.note("data.image_dir", what=f"data.image_dir: {image_dir}")
+    elif data.get("image_dir") is not None:
+        c.note("data.image_dir", REFUSED, f"data.image_dir {image_dir!r} is not a folder; fix the path")
+    elif "image_dir" in data:
+        c.note("data.image_dir", DROPPED, "null: nothing to do")
+    for key in ("video_dir", "audio_dir"):
         if key in data:
             c.note(f"data.{key}", DROPPED if data[key] is None else None, "null: nothing to do" if data[key] is None
                    else None)

@@ -63,10 +63,10 @@ class PromptRows:
         return ConditionImages.from_files(self.images[index], self.captions[index])
 
 
-def load_prompt_rows(source: PromptSource, name: str = "prompts") -> PromptRows:
+def load_prompt_rows(source: PromptSource, name: str = "prompts", image_dir: str | None = None) -> PromptRows:
     """:func:`load_prompts`' sources, where a ``.jsonl`` row may also name condition images: ``"images": [paths]``
-    (or ``"image": path``; relative paths are read from the file's folder) and ``"source_prompt"``, a caption of
-    the condition image. Every image is checked before anything trains (it exists, decodes, has a usable size);
+    (or ``"image": path``; relative paths are read from ``image_dir``, by default the file's folder) and
+    ``"source_prompt"``, a caption of the condition image. Every image is checked before anything trains (it exists, decodes, has a usable size);
     a failure names the file and the line. Either every row names images or none does."""
     if isinstance(source, (list, tuple)):
         rows = PromptRows([str(p) for p in source])
@@ -75,7 +75,8 @@ def load_prompt_rows(source: PromptSource, name: str = "prompts") -> PromptRows:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: prompt file {path!r} does not exist; give a .txt or .jsonl path or an inline list")
         lines = numbered_lines(path, name)
-        rows = _jsonl_rows(path, lines, name) if path.endswith(".jsonl") else PromptRows([t for _, t in lines])
+        rows = (_jsonl_rows(path, lines, name, image_dir) if path.endswith(".jsonl")
+                else PromptRows([t for _, t in lines]))
         rows.origin = path
     keep = [i for i, p in enumerate(rows.prompts) if p.strip()]
     rows = PromptRows([rows.prompts[i].strip() for i in keep],
@@ -86,9 +87,9 @@ def load_prompt_rows(source: PromptSource, name: str = "prompts") -> PromptRows:
     return rows
 
 
-def _jsonl_rows(path: str, lines: list[tuple[int, str]], name: str) -> PromptRows:
+def _jsonl_rows(path: str, lines: list[tuple[int, str]], name: str, image_dir: str | None = None) -> PromptRows:
     prompts, images, captions, with_images = [], [], [], set()
-    base_dir = os.path.dirname(os.path.abspath(path))
+    base_dir = os.path.abspath(os.path.expanduser(image_dir)) if image_dir else os.path.dirname(os.path.abspath(path))
     for number, line in lines:
         where = f"{name}: line {number} of {path}"
         try:
@@ -238,8 +239,8 @@ class ValidationPrompts(L.LightningDataModule):
     processes, and this process's rank and the number of processes."""
 
     def _set_validation(self, val_prompts: PromptSource | None, max_val_prompts: int | None, val_batch_size: int,
-                        val_samples_per_prompt: int, num_workers: int) -> None:
-        self.val_rows = load_prompt_rows(val_prompts, "data.val_prompts").head(max_val_prompts) if (
+                        val_samples_per_prompt: int, num_workers: int, image_dir: str | None = None) -> None:
+        self.val_rows = load_prompt_rows(val_prompts, "data.val_prompts", image_dir).head(max_val_prompts) if (
             val_prompts is not None) else None
         self.val_prompts = self.val_rows.prompts if self.val_rows is not None else None
         self.val_batch_size, self.val_samples_per_prompt = val_batch_size, val_samples_per_prompt
@@ -263,7 +264,8 @@ class PromptDataModule(ValidationPrompts):
     """Training prompts in whole groups; validation prompts ``val_samples_per_prompt`` times each.
 
     Args:
-        train_prompts: a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a ``prompt`` field a line), an
+        train_prompts: a ``.txt`` file (one prompt a line), a ``.jsonl`` file (a ``prompt`` field a line; editing and
+            image-to-video rows also ``images``: their condition image paths, and ``source_prompt``), an
             inline list, or a toy prompt set (``toy:train``, ``toy:train_balanced``, ``toy:heldout``, ``toy:eval``).
         val_prompts: validation prompts, in the same forms; null = no validation.
         group_size: samples per prompt (linked to model.group_size by the CLI).
@@ -275,6 +277,8 @@ class PromptDataModule(ValidationPrompts):
         num_workers: DataLoader worker processes.
         max_train_prompts: train on the first this many prompts only; null = all (Flow-Factory's
             ``max_dataset_size``).
+        image_dir: the folder relative condition-image paths of ``.jsonl`` rows are read from; null = each prompt
+            file's own folder.
     """
 
     def __init__(
@@ -289,13 +293,18 @@ class PromptDataModule(ValidationPrompts):
         seed: int = 0,
         num_workers: int = 0,
         max_train_prompts: int | None = None,
+        image_dir: str | None = None,
     ):
         super().__init__()
         validate_group_batch(group_size, batch_size)
         check_number("data.max_train_prompts", max_train_prompts, 1, allow_none=True, hint="; null = all")
-        self.train_rows = load_prompt_rows(train_prompts, "data.train_prompts").head(max_train_prompts)
+        if image_dir is not None and not os.path.isdir(os.path.expanduser(image_dir)):
+            raise ConfigError(f"data.image_dir={image_dir!r} is not a folder; give the folder the rows' image paths "
+                              "are relative to, or null for each prompt file's own folder")
+        self.train_rows = load_prompt_rows(train_prompts, "data.train_prompts", image_dir).head(max_train_prompts)
         self.train_prompts = self.train_rows.prompts
-        self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers)
+        self._set_validation(val_prompts, max_val_prompts, val_batch_size, val_samples_per_prompt, num_workers,
+                             image_dir)
         self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
 
     def state_dict(self) -> dict:

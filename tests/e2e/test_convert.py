@@ -187,7 +187,8 @@ def test_eval_rewards_become_validation_only_rewards():
 
 
 @pytest.mark.parametrize("model_type, pipeline_class", [("wan2_i2v", "WanImageToVideoPipeline"),
-                                                        ("flux1-kontext", None), ("z-image", None)])
+                                                        ("flux1-kontext", None), ("z-image", None),
+                                                        ("flux2", None), ("flux2-klein", None)])
 def test_the_image_conditioned_and_newer_families_convert(tmp_path, model_type, pipeline_class):
     """Flow-Factory's editing, image-to-video and Z-Image model types become the flowrl families of the same models;
     wan2_i2v trains in WanImageToVideoPipeline whatever pipeline the model folder names (Wan2.2 TI2V-5B)."""
@@ -198,3 +199,27 @@ def test_the_image_conditioned_and_newer_families_convert(tmp_path, model_type, 
     console_main(["convert", str(source), "-o", str(out)])
     policy = load(out)["model"]["init_args"]["policy"]
     assert policy.get("pipeline_class") == pipeline_class
+
+
+def test_an_editing_dataset_keeps_its_image_folder(tmp_path, monkeypatch):
+    """A Flow-Factory editing dataset (train.jsonl whose image paths are relative to <dataset_dir>/images) converts
+    to a prompt file and data.image_dir that flowrl reads the same images from."""
+    import json
+
+    from PIL import Image
+
+    from flowrl.data import load_prompt_rows
+
+    (tmp_path / "edits" / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "edits" / "images" / "cat.png")
+    (tmp_path / "edits" / "train.jsonl").write_text(json.dumps({"prompt": "make it red", "image": "cat.png"}) + "\n")
+    ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
+    ff["model"]["model_type"] = "flux1-kontext"
+    ff["data"] = {"dataset_dir": "edits"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ff.yaml").write_text(yaml.safe_dump(ff))
+    console_main(["convert", "ff.yaml", "-o", "out.yaml"])
+    data = load(tmp_path / "out.yaml")["data"]
+    assert data["image_dir"] == os.path.join("edits", "images")
+    rows = load_prompt_rows(data["train_prompts"], image_dir=data["image_dir"])
+    assert rows.images == [(os.path.abspath(os.path.join("edits", "images", "cat.png")),)]
