@@ -73,6 +73,13 @@ DYNAMICS = {"Flow-SDE": "FlowSDE", "Dance-SDE": "DanceSDE", "CPS": "CPS", "ODE":
 #: Flow-Factory reward model names -> flowrl's registered rewards
 REWARD_NAMES = {"pickscore": "pickscore", "pickscore_rank": "pickscore_rank", "clip": "clip_score", "ocr": "ocr"}
 REMOTE_REWARD = "RemotePointwiseRewardModel"
+#: Flow-Factory's VLM judge over an OpenAI-compatible server -> flowrl's vlm_judge, and its options' names there
+VLM_REWARD = "vllm_evaluate"
+VLM_ARGS = {"api_base_url": "base_url", "vlm_model": "model", "max_concurrent": "concurrency", "max_retries": "retries",
+            "timeout": "timeout", "top_logprobs": "top_logprobs"}
+#: Flow-Factory's question is fixed ("Is it a beautiful image?") and ignores the prompt; vlm_judge's template must
+#: name the prompt, so the converted question asks both
+VLM_TEMPLATE = 'The image was generated for the prompt "{prompt}". Is it a beautiful image? Answer Yes or No.'
 PRECISIONS = {"bf16": "bf16-mixed", "fp16": "16-mixed", "no": "32-true"}
 DECOUPLED = ("nft", "awm", "dgpo", "dpo", "crd")
 
@@ -233,12 +240,20 @@ RULES: dict[str, Rule] = {
     # rewards (each entry of rewards: / eval_rewards:)
     "rewards.name": _m("label"),
     "rewards.reward_model": _m("name / class_path / remote", "PickScore -> pickscore, PickScore_Rank -> "
-                               "pickscore_rank, CLIP -> clip_score, OCR -> ocr, RemotePointwiseRewardModel -> remote; "
-                               "a dotted class path -> class_path; vllm_evaluate, rational_rewards, clap and imagebind "
-                               "are refused"),
+                               "pickscore_rank, CLIP -> clip_score, OCR -> ocr, RemotePointwiseRewardModel -> remote, "
+                               "vllm_evaluate -> vlm_judge (its question names the prompt); a dotted class path -> "
+                               "class_path; rational_rewards, clap and imagebind are refused"),
     "rewards.weight": _m("weight"),
     "rewards.server_url": _m("args.url (remote)"),
-    "rewards.timeout": _m("args.timeout (remote)"),
+    "rewards.timeout": _m("args.timeout (remote, vlm_judge)"),
+    "rewards.api_base_url": _m("args.base_url (vlm_judge)"),
+    "rewards.vlm_model": _m("args.model (vlm_judge)"),
+    "rewards.max_concurrent": _m("args.concurrency (vlm_judge)"),
+    "rewards.max_retries": _m("args.retries (vlm_judge)"),
+    "rewards.top_logprobs": _m("args.top_logprobs (vlm_judge)"),
+    "rewards.api_key": _d("vlm_judge reads the key from FLOWRL_VLM_API_KEY, never from a config (configs are logged)"),
+    "rewards.canonicalize": _d("vlm_judge sums every case and spacing of the yes-token"),
+    "rewards.max_cache_size": _d("vlm_judge caches no answers (rollout samples are always new)"),
     "rewards.retry_attempts": _m("args.retries (remote)"),
     "rewards.model_name_or_path": _m("args.model_name_or_path"),
     "rewards.async_reward": _m("model.async_rewards"),
@@ -894,7 +909,8 @@ def _reward_entries(c: Conversion, entries: list, section: str, init: str) -> li
     """The flowrl reward entries of Flow-Factory's ``rewards`` (or ``eval_rewards``) list."""
     out = []
     known = {"name", "reward_model", "weight", "server_url", "timeout", "retry_attempts", "model_name_or_path",
-             "async_reward", "dtype", "device", "batch_size", "num_workers"}
+             "async_reward", "dtype", "device", "batch_size", "num_workers", *VLM_ARGS, "api_key", "canonicalize",
+             "max_cache_size"}
     for i, entry in enumerate(entries):
         key = f"{section}[{i}]"
         model = entry.get("reward_model")
@@ -911,6 +927,10 @@ def _reward_entries(c: Conversion, entries: list, section: str, init: str) -> li
             for ff_key, name in (("timeout", "timeout"), ("retry_attempts", "retries")):
                 if ff_key in entry:
                     args[name] = entry[ff_key]
+        elif str(model) == VLM_REWARD:
+            spec["name"] = "vlm_judge"
+            args["template"] = VLM_TEMPLATE
+            args.update({VLM_ARGS[k]: entry[k] for k in VLM_ARGS if k in entry})
         elif str(model).lower() in REWARD_NAMES:
             spec["name"] = REWARD_NAMES[str(model).lower()]
             if "model_name_or_path" in entry:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flowrl.cli import console_main, main
-from flowrl.convert import DROPPED, MAPPED, REFUSED, RULES, convert, rules_table
+from flowrl.convert import DROPPED, MAPPED, REFUSED, RULES, VLM_TEMPLATE, convert, rules_table
 from flowrl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,7 +136,7 @@ def test_a_converted_toy_config_trains_end_to_end(tmp_path, monkeypatch):
     (lambda ff: ff["model"].update(model_type="ltx2_t2av"), "model_type 'ltx2_t2av' has no flowrl family"),
     (lambda ff: ff["train"].update(trainer_type="tdm"), "trainer_type 'tdm' has no flowrl algorithm"),
     (lambda ff: ff.update(eval_rewards=[{"name": "hps", "reward_model": "HPS"}]), "eval_rewards[0].reward_model"),
-    (lambda ff: ff["rewards"].append({"name": "vlm", "reward_model": "vllm_evaluate"}), "vllm_evaluate"),
+    (lambda ff: ff["rewards"].append({"name": "r", "reward_model": "rational_rewards_t2i"}), "rational_rewards_t2i"),
     (lambda ff: ff["model"].update(target_modules="all"), "target_modules: all with LoRA"),
     (lambda ff: ff["model"].update(resume_path="ckpts/x"), "model.resume_path"),
     (lambda ff: ff["log"].update(logging_backend="swanlab"), "swanlab"),
@@ -223,3 +223,17 @@ def test_an_editing_dataset_keeps_its_image_folder(tmp_path, monkeypatch):
     assert data["image_dir"] == os.path.join("edits", "images")
     rows = load_prompt_rows(data["train_prompts"], image_dir=data["image_dir"])
     assert rows.images == [(os.path.abspath(os.path.join("edits", "images", "cat.png")),)]
+
+
+def test_flow_factorys_vlm_judge_becomes_vlm_judge(tmp_path):
+    ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
+    ff["rewards"] = [{"name": "judge", "reward_model": "vllm_evaluate", "api_base_url": "http://gpu7:8000/v1",
+                      "vlm_model": "Qwen3-VL-8B", "max_concurrent": 16, "max_retries": 5, "api_key": "EMPTY",
+                      "canonicalize": True}]
+    (tmp_path / "ff.yaml").write_text(yaml.safe_dump(ff))
+    console_main(["convert", str(tmp_path / "ff.yaml"), "-o", str(tmp_path / "out.yaml")])
+    (entry,) = load(tmp_path / "out.yaml")["model"]["init_args"]["rewards"]
+    assert entry["name"] == "vlm_judge" and entry["label"] == "judge"
+    assert entry["args"] == {"template": VLM_TEMPLATE, "base_url": "http://gpu7:8000/v1", "model": "Qwen3-VL-8B",
+                             "concurrency": 16, "retries": 5}
+    assert "{prompt}" in VLM_TEMPLATE  # vlm_judge refuses a question without the prompt
