@@ -92,8 +92,11 @@ class Conditioning:
                             dict(first.shared))
 
     def to(self, device: torch.device | str) -> Conditioning:
+        """The tensors (batch-first, shared, and those held per sample, e.g. condition-image latents) on ``device``."""
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.shared.items()}
-        return Conditioning({k: v.to(device) for k, v in self.tensors.items()}, dict(self.per_sample), moved)
+        per_sample = {k: [x.to(device) if isinstance(x, torch.Tensor) else x for x in v]
+                      for k, v in self.per_sample.items()}
+        return Conditioning({k: v.to(device) for k, v in self.tensors.items()}, per_sample, moved)
 
     @property
     def device(self) -> torch.device:

@@ -21,6 +21,8 @@ from flowrl.policy.adapter import Conditioning
 
 def _nbytes(cond: Conditioning) -> int:
     tensors = list(cond.tensors.values()) + [v for v in cond.shared.values() if isinstance(v, torch.Tensor)]
+    tensors += [x for v in cond.per_sample.values() for x in v if isinstance(x, torch.Tensor)]
+    tensors += [im for v in cond.per_sample.values() for x in v if hasattr(x, "images") for im in x.images]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -58,7 +60,9 @@ class PromptCache:
             return
         host = row.to("cpu")
         # own storage: the caller's tensors stay the caller's to change
-        row = Conditioning({k: v.clone() for k, v in host.tensors.items()}, host.per_sample, host.shared)
+        row = Conditioning({k: v.clone() for k, v in host.tensors.items()},
+                           {k: [x.clone() if isinstance(x, torch.Tensor) else x for x in v]
+                            for k, v in host.per_sample.items()}, host.shared)
         size = _nbytes(row)
         if size > self.max_bytes:
             return

@@ -124,3 +124,20 @@ def _toy_config():
     import os
 
     return os.path.join(os.path.dirname(__file__), "..", "..", "lightning_configs", "toy", "grpo.yaml")
+
+
+def test_tensors_held_per_sample_move_with_the_conditioning_and_count_in_the_prompt_cache():
+    """Condition-image latents are held per sample (each its own size): they move with ``to`` and the prompt cache
+    keeps and counts them on the host (an editing run's cache stays within its budget)."""
+    from flowrl.policy.adapter import Conditioning
+    from flowrl.policy.prompt_cache import PromptCache
+
+    image = ConditionImages.from_tensors(torch.rand(3, 16, 16))
+    row = Conditioning({"embeds": torch.zeros(1, 4)}, {"image_latents": [torch.ones(4, 8, 8)], "condition": [image]})
+    assert row.to("meta")["image_latents"][0].device.type == "meta" and row.to("meta")["condition"][0] is image
+    cache = PromptCache(1.0)
+    cache.put("k", row)
+    assert cache.nbytes == 4 * 4 + 4 * 64 * 4 + 3 * 256 * 4
+    kept = cache.get("k")
+    assert torch.equal(kept["image_latents"][0], row["image_latents"][0])
+    assert kept["image_latents"][0].data_ptr() != row["image_latents"][0].data_ptr()  # the cache's own copy
