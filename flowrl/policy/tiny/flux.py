@@ -13,7 +13,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from flowrl.policy.tiny.text import BOS, DEFAULT_WORDS, EOS, build_t5_tokenizer, build_word_tokenizer
+from flowrl.policy.tiny.text import (
+    BOS,
+    DEFAULT_WORDS,
+    EOS,
+    build_t5_tokenizer,
+    build_word_tokenizer,
+    two_stage_vae_kwargs,
+)
 
 #: FLUX.1's scheduler configuration (resolution-dependent shift between 256 and 4096 image tokens)
 FLUX_SCHEDULER_CONFIG = dict(
@@ -62,21 +69,8 @@ def build(
         guidance_embeds=guidance_embeds,
         axes_dims_rope=tuple(axes_dims_rope),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(vae_channels, vae_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, vae_channels),
-        sample_size=32,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKL(**two_stage_vae_kwargs(latent_channels, vae_channels), scaling_factor=FLUX_VAE_SCALING_FACTOR,
+                        shift_factor=FLUX_VAE_SHIFT_FACTOR)
     tokenizer = build_word_tokenizer(words, model_max_length=max_text_length)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     text_encoder = CLIPTextModel(

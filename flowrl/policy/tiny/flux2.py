@@ -36,12 +36,11 @@ from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     PreTrainedTokenizerFast,
-    Qwen3Config,
     Qwen3ForCausalLM,
 )
 
 from flowrl.policy.tiny.qwen_image import build_qwen2_tokenizer
-from flowrl.policy.tiny.text import DEFAULT_WORDS
+from flowrl.policy.tiny.text import DEFAULT_WORDS, small_qwen3_config, two_stage_vae_kwargs
 
 VARIANTS = ("klein", "dev")
 
@@ -110,19 +109,7 @@ def build_mistral_tokenizer(words: Iterable[str] = DEFAULT_WORDS,
 
 
 def _vae(latent_channels: int, vae_channels: int, seed: int) -> AutoencoderKLFlux2:
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(vae_channels, vae_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, vae_channels),
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = AutoencoderKLFlux2(**two_stage_vae_kwargs(latent_channels, vae_channels))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # the patchified latents' normalisation statistics, away from the identity
         vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=g) * 0.5)
@@ -131,19 +118,7 @@ def _vae(latent_channels: int, vae_channels: int, seed: int) -> AutoencoderKLFlu
 
 
 def _qwen3(tokenizer, hidden: int, layers: int) -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden // 2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    ))
+    return Qwen3ForCausalLM(small_qwen3_config(tokenizer, hidden, layers))
 
 
 def _mistral3(tokenizer, hidden: int, layers: int) -> Mistral3ForConditionalGeneration:

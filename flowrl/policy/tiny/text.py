@@ -45,3 +45,23 @@ def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, model_max_length: i
     vocab += [("\u2581" + w, -1.0) for w in words]
     vocab += [(c, -5.0) for c in letters]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def small_qwen3_config(tokenizer, hidden: int, layers: int):
+    """A Qwen3 text encoder's config of ``hidden`` width and ``layers`` layers over ``tokenizer`` (a Qwen2-style one:
+    ``<|endoftext|>`` pads and begins, ``<|im_end|>`` ends), as FLUX.2-klein and Z-Image use."""
+    from transformers import Qwen3Config
+
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                       max_position_embeddings=1024, bos_token_id=pad,
+                       eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=pad)
+
+
+def two_stage_vae_kwargs(latent_channels: int, vae_channels: int) -> dict:
+    """An image VAE of two stages (``vae_scale_factor`` 2) without quant convs, FLUX's layout at tiny width."""
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(vae_channels, vae_channels),
+                layers_per_block=1, latent_channels=latent_channels, norm_num_groups=min(8, vae_channels),
+                sample_size=32, use_quant_conv=False, use_post_quant_conv=False)

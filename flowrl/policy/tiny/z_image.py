@@ -22,11 +22,11 @@ from collections.abc import Iterable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from transformers import Qwen3Config, Qwen3Model
+from transformers import Qwen3Model
 
 from flowrl.policy.tiny.flux import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR
-from flowrl.policy.tiny.qwen_image import ENDOFTEXT, IM_END, build_qwen2_tokenizer
-from flowrl.policy.tiny.text import DEFAULT_WORDS
+from flowrl.policy.tiny.qwen_image import build_qwen2_tokenizer
+from flowrl.policy.tiny.text import DEFAULT_WORDS, small_qwen3_config
 
 #: Tongyi-MAI/Z-Image-Turbo's scheduler configuration (scheduler/scheduler_config.json)
 Z_IMAGE_TURBO_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -91,20 +91,7 @@ def build(
     )
     tokenizer = build_qwen2_tokenizer(words, template=CHAT_PROMPT)
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    pad = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size,
-        num_hidden_layers=text_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=text_hidden_size // 2,
-        max_position_embeddings=1024,
-        bos_token_id=pad,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=pad,
-    ))
+    text_encoder = Qwen3Model(small_qwen3_config(tokenizer, text_hidden_size, text_layers))
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**Z_IMAGE_TURBO_SCHEDULER_CONFIG),
         vae=vae,
