@@ -18,7 +18,16 @@ text tokens, as SD3.5 uses), each run for ``--iterations`` measured iterations a
 Both precisions (32-true and bf16-mixed) where the CPU runs bf16 natively; the CPU is recorded beside every
 number. Writes ``benchmarks/overhead.json`` and ``benchmarks/overhead.png``.
 
+``--compile rollout all`` runs every configuration eagerly and then with each ``policy.compile`` mode
+(:mod:`flowrl.policy.compile`). The floor stays the eager one: the eager run's transformer calls, replayed with
+compilation switched off (``torch.compiler.set_stance("force_eager")``) right after each measured iteration of the
+compiled run too, so ``ratio_to_eager_floor`` below 1 is what compilation gains over eager compute. A compiled
+record also holds its compile time (torch's account, forward and backward graphs, warm-up included), the graphs
+compiled during the measured iterations (0 once every shape is compiled) and ``break_even_iterations``: the compile
+time over the seconds an iteration saves against the eager run of the same configuration (null: it saves none).
+
     python benchmarks/overhead.py [--iterations 3] [--setups toy sd3_t5] [--algorithms grpo nft awm]
+                                  [--compile rollout all]
 """
 
 from __future__ import annotations
@@ -110,7 +119,7 @@ class IterationClock:
     right after it, one replay of the transformer calls recorded in the first measured one. Each iteration is
     compared with the replay next to it in time, so the machine's drift cancels in their ratio."""
 
-    def __init__(self, recorder: Recorder, warmup: int, iterations: int):
+    def __init__(self, recorder: Recorder, warmup: int, iterations: int, floor_calls: list[dict] | None = None):
         import lightning as L
 
         class _Clock(L.Callback):  # counts iterations itself: an epoch of the prompt list may hold few batches
@@ -118,9 +127,11 @@ class IterationClock:
                 if self.seen == warmup:
                     trainer.profiler.recorded_durations.clear()
                     recorder.inside = 0.0
+                    self.graphs_at_start = pl_module.policy.compile_stats().get("perf/compiled_graphs", 0.0)
                 self.inside_at_start = recorder.inside
                 self.backward_at_start = sum(trainer.profiler.recorded_durations.get("[flowrl] backward", []))
-                recorder.capture = self.seen == warmup  # the first measured iteration is the one replayed
+                # the first measured iteration is the one replayed (a compiled run replays its eager twin's calls)
+                recorder.capture = self.seen == warmup and floor_calls is None
                 self.last = time.perf_counter()
 
             def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx):
@@ -133,13 +144,15 @@ class IterationClock:
                 backward = sum(trainer.profiler.recorded_durations.get("[flowrl] backward", [])) - self.backward_at_start
                 self.in_run.append(recorder.inside - self.inside_at_start + backward)
                 recorder.replaying = True
-                self.replays.append(replay_floor(pl_module.policy.transformer, recorder.calls, repeats=1))
+                self.replays.append(replay_floor(pl_module.policy.transformer, floor_calls or recorder.calls,
+                                                 repeats=1))
                 recorder.replaying = False
                 if self.seen == warmup + iterations:
                     trainer.should_stop = True
 
         self.callback = _Clock()
         self.seen = 0
+        self.graphs_at_start = 0.0  # graphs compiled before the first measured iteration
         self.last = None
         self.times: list[float] = []  # each measured iteration, batch start to batch end
         self.in_run: list[float] = []  # its own transformer forwards and backward passes
@@ -148,13 +161,14 @@ class IterationClock:
 
 def replay_floor(transformer, calls: list[dict], repeats: int = 5) -> float:
     """Seconds of the recorded transformer calls alone (the median of ``repeats`` replays), a backward through
-    each call that had grad."""
+    each call that had grad; eager even where the blocks are compiled (the floor is the eager compute)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for call in calls:
             with torch.set_grad_enabled(call["grad"]), torch.autocast(
-                    "cpu", dtype=call["autocast"] or torch.bfloat16, enabled=call["autocast"] is not None):
+                    "cpu", dtype=call["autocast"] or torch.bfloat16, enabled=call["autocast"] is not None), \
+                    torch.compiler.set_stance("force_eager"):
                 out = transformer(**call["kwargs"])
                 out = out[0] if isinstance(out, tuple) else out.sample
                 if call["grad"]:
@@ -166,15 +180,18 @@ def replay_floor(transformer, calls: list[dict], repeats: int = 5) -> float:
 
 
 def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: Path | None,
-        extra: tuple[str, ...] = ()) -> dict:
+        extra: tuple[str, ...] = (), compile_mode: str | None = None, floor_calls: list[dict] | None = None,
+        calls_out: list[dict] | None = None) -> dict:
+    """One configuration; ``compile_mode``: its ``policy.compile``; ``floor_calls``: the transformer calls to replay
+    as the floor (an eager run's, which ``calls_out`` receives), else those of this run's first measured iteration."""
     from flowrl.cli import main
 
     args = ["--config", str(TOY / f"{algorithm}.yaml"), *setup_args(setup, tiny_path), f"--trainer.precision={precision}",
-            *extra]
+            *extra, *([f"--model.policy.compile={compile_mode}"] if compile_mode else [])]
     cli = main(args, run=False)
     module, trainer = cli.model, cli.trainer
     recorder = Recorder(module.policy.transformer)
-    clock = IterationClock(recorder, warmup=1, iterations=iterations)
+    clock = IterationClock(recorder, warmup=1, iterations=iterations, floor_calls=floor_calls)
     trainer.callbacks.append(clock.callback)
     trainer.fit(module, datamodule=cli.datamodule)
     records = trainer.profiler.recorded_durations
@@ -191,9 +208,17 @@ def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: 
     # the machine's speed drifts: each iteration against the replay next to it, and medians
     ratios = [t / f for t, f in zip(clock.times, clock.replays)]
     median, floor = statistics.median(clock.times), statistics.median(clock.replays)
-    shapes = collections.Counter((tuple(c["kwargs"]["hidden_states"].shape), c["grad"]) for c in recorder.calls)
+    calls = floor_calls or recorder.calls
+    if calls_out is not None:
+        calls_out[:] = calls
+    shapes = collections.Counter((tuple(c["kwargs"]["hidden_states"].shape), c["grad"]) for c in calls)
+    stats = module.policy.compile_stats()
     return {
         "setup": setup, "algorithm": algorithm, "precision": precision, "iterations": iterations,
+        "compiled": compile_mode is not None, "compile_mode": compile_mode, "cpu": cpu_description(),
+        "compile_seconds": stats.get("perf/compile_seconds", 0.0),
+        "compiled_graphs": int(stats.get("perf/compiled_graphs", 0)),
+        "recompiles_after_warmup": int(stats.get("perf/compiled_graphs", 0) - clock.graphs_at_start),
         "call_shapes": {f"{list(k[0])} grad={k[1]}": v for k, v in shapes.items()},
         "seconds_per_iteration": median,
         "iteration_seconds": [round(t, 4) for t in clock.times],
@@ -201,9 +226,11 @@ def run(setup: str, algorithm: str, precision: str, iterations: int, tiny_path: 
         "phases_per_iteration": {k: round(per_it.get(k, 0.0), 5) for k in PHASES},
         "transformer_forwards_in_run_per_iteration": inside / iterations,
         "callback_records": {k: v for k, v in callback_records.items() if v > 1e-4},
-        "transformer_calls_per_iteration": len(recorder.calls),
+        "transformer_calls_per_iteration": len(calls),
         "floor_seconds_per_iteration": floor,
+        "eager_floor_seconds": floor,  # (the floor is always eager: the same as floor_seconds_per_iteration)
         "ratio_to_floor": statistics.median(ratios),
+        "ratio_to_eager_floor": statistics.median(ratios),
         "paired_ratios": [round(r, 3) for r in ratios],
         # drift-free: each iteration over the time its own transformer forwards and backwards took in it
         "ratio_to_in_run_compute": statistics.median(t / c for t, c in zip(clock.times, clock.in_run)),
@@ -269,7 +296,8 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(results)), 4.5))
-    labels = [f"{r['setup']}\n{r['algorithm']}\n{r['precision']}" for r in results]
+    labels = [f"{r['setup']}\n{r['algorithm']}\n{r['precision']}" + (f"\n{r['compile_mode']}" if r.get("compiled")
+              else "") for r in results]
     bottom = [0.0] * len(results)
     colors = plt.get_cmap("tab20").colors
     for j, phase in enumerate(PHASES):
@@ -297,6 +325,8 @@ def main_(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "overhead.json")
     parser.add_argument("--extra", action="append", default=[],
                         help="one more override for every run, as --extra=--model.num_inference_steps=4 (repeatable)")
+    parser.add_argument("--compile", nargs="+", default=[], choices=["rollout", "all"],
+                        help="also run every configuration with these policy.compile modes (after its eager run)")
     parser.add_argument("--scaling", action="store_true",
                         help="instead: the scaling sweep (samples, resolution, trained steps) -> overhead_scaling.json/png")
     args = parser.parse_args(argv)
@@ -325,11 +355,21 @@ def _measure(args, cpu, precisions, results, tmp: Path) -> dict:
     for setup in args.setups:
         for algorithm in args.algorithms:
             for precision in precisions:
-                r = run(setup, algorithm, precision, args.iterations, tiny, tuple(args.extra))
-                print(f"{setup:7s} {algorithm:5s} {precision:10s} {r['seconds_per_iteration']:.3f} s/it, "
-                      f"floor {r['floor_seconds_per_iteration']:.3f} s, ratio {r['ratio_to_floor']:.3f}, in-run ratio "
-                      f"{r['ratio_to_in_run_compute']:.3f}", flush=True)
-                results.append(r)
+                calls: list[dict] = []
+                eager = None
+                for mode in [None, *args.compile]:
+                    r = run(setup, algorithm, precision, args.iterations, tiny, tuple(args.extra), mode,
+                            floor_calls=calls or None, calls_out=calls)
+                    if mode is None:
+                        eager = r
+                    else:
+                        saved = eager["seconds_per_iteration"] - r["seconds_per_iteration"]
+                        r["break_even_iterations"] = r["compile_seconds"] / saved if saved > 0 else None
+                    print(f"{setup:7s} {algorithm:5s} {precision:10s} {mode or 'eager':7s} "
+                          f"{r['seconds_per_iteration']:.3f} s/it, eager floor {r['eager_floor_seconds']:.3f} s, "
+                          f"ratio {r['ratio_to_eager_floor']:.3f}, in-run ratio {r['ratio_to_in_run_compute']:.3f}"
+                          + (f", compile {r['compile_seconds']:.1f} s" if mode else ""), flush=True)
+                    results.append(r)
     out = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "results": results}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))

@@ -125,7 +125,7 @@ RULES: dict[str, Rule] = {
     "model.resume_path": _r("set null; resume a flowrl run with flowrl fit --ckpt_path, or start from a LoRA by "
                             "exporting it into the base model"),
     "model.resume_type": _d("resume: flowrl fit --ckpt_path"),
-    "model.attn_backend": _r("set null: flowrl uses PyTorch's scaled-dot-product attention"),
+    "model.attn_backend": _m("model.policy.attention_backend", "diffusers' attention dispatcher, the same names"),
     # scheduler
     "scheduler.dynamics_type": _m("model.dynamics", "Flow-SDE -> flowrl.dynamics.FlowSDE, Dance-SDE -> DanceSDE, "
                                   "CPS -> CPS, ODE -> ODE"),
@@ -157,8 +157,11 @@ RULES: dict[str, Rule] = {
     "train.adam_betas": _m("model.optimizer.init_args.betas"),
     "train.adam_epsilon": _m("model.optimizer.init_args.eps"),
     "train.enable_gradient_checkpointing": _m("model.policy.gradient_checkpointing"),
-    "train.offload_samples_to_cpu": _r("set false: rollouts stay on the device"),
-    "train.latent_storage_dtype": _d("flowrl stores rollout latents in float32 (the on-policy ratio stays exactly 1)"),
+    "train.offload_samples_to_cpu": _m("model.offload_rollout", "the algorithms that store a trajectory (grpo, "
+                                       "grpo-guard, dppo, diffusion-opd); elsewhere there is nothing to move"),
+    "train.latent_storage_dtype": _m("model.latent_storage_dtype", "fp16 / bf16 -> float16 / bfloat16, where a "
+                                     "trajectory is stored; each trained step rounded where it is made, so the "
+                                     "on-policy ratio stays exactly 1"),
     "train.global_std": _m("model.global_std"),
     "train.advantage_aggregation": _m("model.advantage_estimator", "sum -> group, gdpo -> gdpo"),
     "train.clip_range": _m("model.clip_range"),
@@ -392,7 +395,12 @@ def convert(ff: dict, config_dir: str = ".") -> Conversion:
     for key in ("master_weight_dtype", "resume_type"):
         if key in model:
             c.note(f"model.{key}")
-    for key in ("resume_path", "attn_backend"):
+    if model.get("attn_backend") is not None:
+        c.put(f"{init}.policy.attention_backend", str(model["attn_backend"]))
+        c.note("model.attn_backend")
+    elif "attn_backend" in model:
+        c.note("model.attn_backend", DROPPED, "null: nothing to do")
+    for key in ("resume_path",):
         if key in model:
             c.note(f"model.{key}", DROPPED if model[key] is None else None, "null: nothing to do"
                    if model[key] is None else None)
@@ -548,11 +556,26 @@ def _optimizer(c: Conversion, train: dict, init: str) -> None:
     if "enable_gradient_checkpointing" in train:
         c.put(f"{init}.policy.gradient_checkpointing", bool(train["enable_gradient_checkpointing"]))
         c.note("train.enable_gradient_checkpointing")
+    trainer_type = str(train.get("trainer_type", "grpo"))
+    stores = trainer_type not in DECOUPLED  # the trained steps' latents are kept for training
     if "offload_samples_to_cpu" in train:
-        c.note("train.offload_samples_to_cpu", DROPPED if not train["offload_samples_to_cpu"] else None,
-               "false: nothing to do" if not train["offload_samples_to_cpu"] else None)
+        if train["offload_samples_to_cpu"] and stores:
+            c.put(f"{init}.offload_rollout", True)
+            c.note("train.offload_samples_to_cpu")
+        else:
+            c.note("train.offload_samples_to_cpu", DROPPED, "false: nothing to do" if not
+                   train["offload_samples_to_cpu"] else f"{trainer_type} stores no trajectory to move")
     if "latent_storage_dtype" in train:
-        c.note("train.latent_storage_dtype")
+        dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(str(train["latent_storage_dtype"]))
+        if dtype is None:
+            c.note("train.latent_storage_dtype", REFUSED, f"latent_storage_dtype {train['latent_storage_dtype']!r}: "
+                   "use fp32, bf16 or fp16")
+        elif dtype != "float32" and stores:
+            c.put(f"{init}.latent_storage_dtype", dtype)
+            c.note("train.latent_storage_dtype")
+        else:
+            c.note("train.latent_storage_dtype", DROPPED, "fp32: the default" if dtype == "float32" else
+                   f"{trainer_type} stores no trajectory (final latents only, float32)")
 
 
 _DIRECT = {  # train key -> model option, taken as is where the algorithm has it

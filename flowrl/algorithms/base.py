@@ -53,6 +53,11 @@ class FlowRLModule(L.LightningModule):
             null = the whole batch.
         rollout_batch_size: samples per forward pass of the rollout's untrained steps (the trained ones keep
             train_batch_size, so log-probs stay exact), as many as memory allows; null = train_batch_size.
+        latent_storage_dtype: dtype of the rollout's stored latents, float32, bfloat16 or float16 (the trained steps'
+            inputs and samples, rounded as the rollout makes them: on-policy ratios stay exactly 1); float32 where
+            the algorithm stores no trajectory (nft, awm ...). docs/performance.md.
+        offload_rollout: keep the rollout's stored tensors in host memory from sampling to training, each
+            micro-batch read back as it trains (values unchanged).
         gradient_accumulation_steps: micro-batches per optimizer step.
         max_grad_norm: clip the gradient norm to this before each optimizer step; null = no clipping.
         adv_clip_range: clamp the advantages to [-c, c] or [low, high]; null = no clamp.
@@ -97,6 +102,8 @@ class FlowRLModule(L.LightningModule):
         num_inner_epochs: int = 1,
         train_batch_size: int | None = None,
         rollout_batch_size: int | None = None,
+        latent_storage_dtype: str = "float32",
+        offload_rollout: bool = False,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         adv_clip_range: float | list[float] | None = 5.0,
@@ -128,6 +135,8 @@ class FlowRLModule(L.LightningModule):
         options.check_shared_numbers(group_size, num_inner_epochs, gradient_accumulation_steps, train_batch_size,
                              rollout_batch_size, resolution, num_inference_steps, guidance_scale, max_grad_norm,
                              adv_clip_range, self.eval_config)
+        storage = options.rollout_storage(latent_storage_dtype, offload_rollout, self.stores_trajectory,
+                                          self.trainer_type)
         self.on_reward_error = on_reward_error
         self.advantage_estimator = resolve_advantage_estimator(advantage_estimator)
         self.check_dynamics()
@@ -136,7 +145,8 @@ class FlowRLModule(L.LightningModule):
         policy = PolicyConfig(**policy) if isinstance(policy, dict) else policy
         self.policy = policy if isinstance(policy, FlowMatchingPolicy) else FlowMatchingPolicy.from_config(policy)
         self.policy.check_resolution(self.height, self.width)
-        self.sampler = RolloutSampler(self.policy, self.dynamics, train_batch_size, rollout_batch_size, self.profile)
+        self.sampler = RolloutSampler(self.policy, self.dynamics, train_batch_size, rollout_batch_size, self.profile,
+                                      storage)
         sigmas = self.policy.sigmas(num_inference_steps, self.height, self.width)
         options.check_schedule(self.dynamics, sigmas, self.step_selector.train_steps)
         self.check_guidance(guidance_scale, self.eval_config.guidance_scale)

@@ -51,6 +51,8 @@ def log_train(module, logs: dict[str, list[torch.Tensor]]) -> None:
             module.log(f"train/{key}", v.mean(), prog_bar=key == "loss")
     module.log("train/lr", module.optimizers().param_groups[0]["lr"])
     module.log("train/iteration", float(module.iteration), prog_bar=True)
+    for key, value in module.policy.compile_stats().items():  # perf/recompiles ... under policy.compile
+        module.log(key, value)
 
 
 class ValidationMetrics(nn.ModuleDict):

@@ -13,7 +13,7 @@ from flowrl.errors import ConfigError
 from flowrl.validation import check_number, check_range_option
 
 __all__ = ["EvalConfig", "check_schedule", "check_shared_numbers", "check_trainable_dynamics", "component_config", "hw",
-           "plain"]
+           "plain", "rollout_storage"]
 
 
 @dataclass
@@ -120,3 +120,20 @@ def check_trainable_dynamics(dynamics, needs_log_prob: bool, trainer_type: str) 
             f"trainer_type {trainer_type!r} with dynamics {dynamics.name!r} at noise_level {dynamics.noise_level}: "
             "every trained step then has std 0, a constant log-prob and a zero policy gradient (the run would "
             "learn nothing); set noise_level > 0 (e.g. 0.7)")
+
+
+def rollout_storage(latent_storage_dtype: str, offload_rollout: bool, stores_trajectory: bool, trainer_type: str):
+    """The rollout's storage rule (:class:`flowrl.rollout.RolloutStorage`) from the module's memory options. A
+    low-precision ``latent_storage_dtype`` is refused where the rollout stores no trajectory (the decoupled
+    algorithms keep the final latents only, in float32): there it would do nothing."""
+    from flowrl.rollout import RolloutStorage
+
+    storage = RolloutStorage(latent_storage_dtype, offload_rollout)
+    if latent_storage_dtype != "float32" and not stores_trajectory:
+        raise ConfigError(f"latent_storage_dtype={latent_storage_dtype!r} does nothing for trainer_type "
+                          f"{trainer_type!r}: its rollouts store no trajectory (final latents only); remove it "
+                          "(float32)")
+    if offload_rollout and not stores_trajectory:
+        raise ConfigError(f"offload_rollout does nothing for trainer_type {trainer_type!r}: its rollouts store no "
+                          "trajectory to move (final latents only); remove it (false)")
+    return storage

@@ -15,6 +15,8 @@ from flowrl.conditions import ConditionImages
 from flowrl.errors import ConfigError
 from flowrl.plugins import model_alias, model_aliases
 from flowrl.policy.adapter import Conditioning, adapter_for
+from flowrl.policy.attention import check_attention_backend, check_attention_device, set_attention_backend
+from flowrl.policy.compile import RegionalCompile, check_compile_mode
 from flowrl.policy.prompt_cache import PromptCache
 from flowrl.policy.sharding import FullyShard, shard_policy
 from flowrl.validation import check_number
@@ -64,6 +66,15 @@ class PolicyConfig:
         fsdp: how FSDP2 shards the denoiser under a sharding strategy (:class:`flowrl.policy.sharding.FullyShard`:
             param_dtype, reduce_dtype, cpu_offload, reshard_after_forward, blocks); null = its defaults there.
             Set under another strategy it is an error (it would do nothing).
+        compile: regional ``torch.compile`` of the denoiser's repeated blocks (:mod:`flowrl.policy.compile`):
+            ``rollout`` compiles the sampling steps training never recomputes (ODE steps, decoupled rollouts,
+            validation, sampling), ``all`` every denoiser call, training included (the calls a ratio compares run
+            the training graph in rollout and update alike, so the first update's ratio stays exactly 1); null =
+            eager. Compiling takes tens of seconds per graph shape on a CPU.
+        attention_backend: the attention kernel through diffusers' attention dispatcher (``native`` SDPA,
+            ``flash``, ``_flash_3``, ``sage``, ``xformers``, ``flex``, ... where installed;
+            :mod:`flowrl.policy.attention`); one this machine lacks is refused, naming those it has; null = the
+            model's default (native SDPA).
     """
 
     pretrained_model_name_or_path: str
@@ -83,6 +94,8 @@ class PolicyConfig:
     prompt_cache_mb: float = 1024.0
     condition_image_area: int | None = None
     fsdp: FullyShard | None = None
+    compile: str | None = None
+    attention_backend: str | None = None
 
     def __post_init__(self):
         if isinstance(self.fsdp, dict):
@@ -102,6 +115,8 @@ class PolicyConfig:
         if self.frozen_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"frozen_dtype={self.frozen_dtype!r}; choose float32, bfloat16 or float16")
         _pipeline_loader(self.pipeline_class)  # a misspelt class fails here, before any loading
+        check_compile_mode(self.compile)
+        check_attention_backend(self.attention_backend)  # e.g. flash on a CPU-only host, before any loading
         path = resolve_model_path(self.pretrained_model_name_or_path)
         if _is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(
@@ -152,12 +167,42 @@ def _pipeline_loader(name: str | None):
     return cls
 
 
+def _frozen_component_names(pipeline_class_name: str | None) -> tuple[str, ...]:
+    """The components every adapter registered for ``pipeline_class_name`` keeps frozen (a class with variants,
+    Wan2.2's two-expert ``WanPipeline``: those all its variants freeze); none for a class without an adapter."""
+    from flowrl.policy.adapter import _ADAPTERS
+
+    adapters = [cls for cls, _ in _ADAPTERS.get(pipeline_class_name or "", [])]
+    if not adapters:
+        return ()
+    return tuple(n for n in adapters[0].frozen_components if all(n in a.frozen_components for a in adapters[1:]))
+
+
+def load_dtypes(config: PolicyConfig, pipeline_class_name: str | None) -> dict[str, torch.dtype] | None:
+    """Each component's dtype as it loads (diffusers' per-component ``dtype``), so that no weight passes through
+    float32 on its way to ``frozen_dtype``: a bf16 SD3.5-Medium then never holds its 10 GB float32 copy.
+
+    The frozen components load in ``frozen_dtype``; every other module, the denoiser in every supported family, in
+    the dtype its base keeps (``frozen_dtype`` under LoRA, float32 when it is fully trained). diffusers keeps a
+    family's ``_keep_in_fp32_modules`` in float32 as it loads; :class:`FlowMatchingPolicy` then sets each weight
+    to its training dtype exactly as it does to a float32 load, so the weights are the same bit for bit
+    (``tests/unit/test_lean_loading.py``). ``None`` (everything float32): the plain call, as before."""
+    frozen = getattr(torch, config.frozen_dtype)
+    if frozen == torch.float32:
+        return None
+    base = frozen if config.finetune_type == "lora" else torch.float32
+    return {"default": base, **{name: frozen for name in _frozen_component_names(pipeline_class_name)}}
+
+
 def _load_pipeline(config: PolicyConfig):
     from diffusers import DiffusionPipeline
 
     path = os.path.expanduser(resolve_model_path(config.pretrained_model_name_or_path))
     kwargs = {"revision": config.revision, "variant": config.variant}
     index = DiffusionPipeline.load_config(path, revision=config.revision)
+    dtypes = load_dtypes(config, config.pipeline_class or index.get("_class_name"))
+    if dtypes is not None:
+        kwargs["dtype"] = dtypes
     # Components saved as null (e.g. an SD3 without T5) must be passed as None explicitly.
     none_components = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     with _loading_bars_on_a_terminal_only():
@@ -188,6 +233,8 @@ class FlowMatchingPolicy(nn.Module):
         prompt_cache_mb: float = 1024.0,
         condition_image_area: int | None = None,
         fsdp: FullyShard | dict | None = None,
+        compile: str | None = None,
+        attention_backend: str | None = None,
     ):
         super().__init__()
         #: FSDP2 options (``None``: the defaults, used only under a sharding strategy); see :meth:`shard`
@@ -227,6 +274,11 @@ class FlowMatchingPolicy(nn.Module):
                     p.data = p.data.float()
         if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
+        self.attention_backend = attention_backend
+        set_attention_backend(self.transformer, attention_backend)
+        #: the compiled blocks of the denoiser and which calls run them (``policy.compile``), or None
+        self.compiled = RegionalCompile(self.transformer, compile) if compile is not None else None
+        self._untrained_step = False  # inside a sampling step that training never recomputes (denoising_step)
         self._null_cond: Conditioning | None = None
         self.prompt_cache = PromptCache(prompt_cache_mb)
 
@@ -360,13 +412,39 @@ class FlowMatchingPolicy(nn.Module):
     def sigmas(self, num_inference_steps: int, height: int, width: int) -> torch.Tensor:
         return self.adapter.sigmas(num_inference_steps, height, width)
 
+    @contextlib.contextmanager
+    def denoising_step(self, trained: bool):
+        """The denoiser calls of one sampling step (the sampler enters it): ``trained`` when training recomputes
+        the step (a trained SDE step of a coupled rollout). Under ``policy.compile`` the other steps run compiled
+        inference graphs, and a trained one runs what the update will run (:mod:`flowrl.policy.compile`)."""
+        previous, self._untrained_step = self._untrained_step, not trained
+        try:
+            yield
+        finally:
+            self._untrained_step = previous
+
+    def compile_stats(self) -> dict[str, float]:
+        """``perf/compiled_graphs``, ``perf/recompiles`` and ``perf/compile_seconds`` under ``policy.compile``;
+        empty without it."""
+        return {} if self.compiled is None else self.compiled.stats()
+
     def _denoise(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                  guidance: float | None = None, denoiser: nn.Module | None = None) -> torch.Tensor:
         """The denoiser's raw prediction as float32 (``denoiser``: another module of the same family, e.g. a frozen
-        teacher, instead of the policy's). A low-precision frozen base (LoRA with ``frozen_dtype``) computes under
-        autocast in that dtype when no autocast is active (the Trainer's ``precision`` otherwise decides), so
-        float32 adapters and activations meet bf16 weights without dtype errors."""
+        teacher, instead of the policy's), compiled or not as ``policy.compile`` says."""
         denoiser = self.transformer if denoiser is None else denoiser
+        if self.attention_backend is not None:
+            check_attention_device(self.attention_backend, latents.device)
+        if self.compiled is None or denoiser is not self.transformer:
+            return self._forward(denoiser, latents, sigma, cond, guidance)
+        return self.compiled(lambda: self._forward(denoiser, latents, sigma, cond, guidance), self._untrained_step,
+                             latents.shape)
+
+    def _forward(self, denoiser: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 guidance: float | None) -> torch.Tensor:
+        """One call of ``denoiser`` as float32. A low-precision frozen base (LoRA with ``frozen_dtype``) computes
+        under autocast in that dtype when no autocast is active (the Trainer's ``precision`` otherwise decides), so
+        float32 adapters and activations meet bf16 weights without dtype errors."""
         device_type = latents.device.type
         if self.base_dtype == torch.float32 or torch.is_autocast_enabled(device_type):
             return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()

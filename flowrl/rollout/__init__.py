@@ -6,5 +6,7 @@ Nothing here imports Lightning: training, validation, ``flowrl sample`` and a no
 from flowrl.rollout.record import ForwardProcess, Rollout
 from flowrl.rollout.sampler import RolloutSampler, slices
 from flowrl.rollout.seeding import keyed_generator, per_sample_generators
+from flowrl.rollout.storage import STORAGE_DTYPES, RolloutStorage, StoredTensor
 
-__all__ = ["ForwardProcess", "Rollout", "RolloutSampler", "keyed_generator", "per_sample_generators", "slices"]
+__all__ = ["STORAGE_DTYPES", "ForwardProcess", "Rollout", "RolloutSampler", "RolloutStorage", "StoredTensor",
+           "keyed_generator", "per_sample_generators", "slices"]

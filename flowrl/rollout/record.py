@@ -38,6 +38,11 @@ class ForwardProcess:
 class Rollout:
     """What sampling stored for one batch. Step tensors are indexed ``[:, k]`` for trained step k.
 
+    With ``latent_storage_dtype`` or ``offload_rollout`` set (:mod:`flowrl.rollout.storage`) the stored fields
+    (every one below but ``prompts``, ``cond``, ``sigmas``, ``images`` and ``forward``) are
+    :class:`~flowrl.rollout.storage.StoredTensor` objects: indexing one gives float32 rows on the compute device,
+    as indexing the tensor would.
+
     Attributes:
         prompts: the batch's prompts.
         cond: their conditioning (the policy's encoding).

@@ -11,6 +11,7 @@ import torch
 
 from flowrl.dynamics import ODE, SDESchedulerMixin
 from flowrl.rollout.record import Rollout
+from flowrl.rollout.storage import RolloutStorage
 
 __all__ = ["RolloutSampler", "slices"]
 
@@ -36,15 +37,19 @@ class RolloutSampler:
             exactly these batches, so on-policy ratios are exactly 1. None = the whole batch.
         rollout_batch_size: samples per forward pass of the untrained steps; None = ``train_batch_size``.
         profile: ``profile(phase)`` returns a context manager timing that phase (e.g. the Trainer's profiler).
+        storage: the dtype of the stored latents and whether stored tensors go to host memory
+            (:class:`flowrl.rollout.storage.RolloutStorage`); None = float32 on the device.
     """
 
     def __init__(self, policy, dynamics: SDESchedulerMixin | None = None, train_batch_size: int | None = None,
-                 rollout_batch_size: int | None = None, profile: Callable[[str], AbstractContextManager] | None = None):
+                 rollout_batch_size: int | None = None, profile: Callable[[str], AbstractContextManager] | None = None,
+                 storage: RolloutStorage | None = None):
         self.policy = policy
         self.dynamics = dynamics if dynamics is not None else ODE()
         self.ode = ODE()
         self.train_batch_size, self.rollout_batch_size = train_batch_size, rollout_batch_size
         self.profile = profile or (lambda phase: contextlib.nullcontext())
+        self.storage = storage or RolloutStorage()
 
     def chunks(self, n: int) -> list[slice]:
         """The micro-batches of the trained steps (and of training): ``train_batch_size`` samples each."""
@@ -74,10 +79,12 @@ class RolloutSampler:
         """Sample ``prompts``; steps in ``train_steps`` use the dynamics, the rest the ODE.
 
         ``store='trajectory'`` keeps the latents, samples and log-probs of the trained steps (``store_means``: their
-        means too; ``store_uncond``: their unconditional CFG branch, for training to reuse). The trained steps go in
-        chunks of ``train_batch_size``, the others in chunks of ``rollout_batch_size``. ``on_chunk(slice, images)``
-        is called as each chunk's images are decoded. ``generator``: one for the batch, or one per sample (each
-        sample's starting noise, then its step noise, from its own). ``latents``: the starting noise, if given.
+        means too; ``store_uncond``: their unconditional CFG branch, for training to reuse), as :attr:`storage`
+        says (a low-precision storage rounds the trained steps' inputs and samples as they are made). The trained
+        steps go in chunks of ``train_batch_size``, the others in chunks of ``rollout_batch_size``.
+        ``on_chunk(slice, images)`` is called as each chunk's images are decoded. ``generator``: one for the batch,
+        or one per sample (each sample's starting noise, then its step noise, from its own). ``latents``: the
+        starting noise, if given.
         ``conditions``: each sample's :class:`flowrl.conditions.ConditionImages` (editing, image-to-video), or None.
         """
         policy = self.policy
@@ -119,10 +126,12 @@ class RolloutSampler:
             fields.pop("v_uncond", None)
         if keep and not self.dynamics.is_stochastic:  # an ODE trajectory (distillation) has no log-probs
             fields.pop("log_probs")
-        parts = {name: torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1)
-                 for name, f in fields.items()}
+        store, device = self.storage, policy.device
+        parts = {name: store.wrap(torch.stack([torch.cat([entry[f] for entry in record[i]]) for i in trained], 1),
+                                  device) for name, f in fields.items()}
+        final = store.wrap(store.keep(torch.cat(finals), latent=False), device)
         return Rollout(list(prompts), cond, sigmas, trained, parts.get("latents"), parts.get("next_latents"),
-                       parts.get("log_probs"), parts.get("means"), torch.cat(finals), torch.cat(images),
+                       parts.get("log_probs"), parts.get("means"), final, torch.cat(images),
                        v_uncond=parts.get("v_uncond"))
 
     def _noise(self, n, height, width, num_inference_steps, generator, latents):
@@ -142,18 +151,30 @@ class RolloutSampler:
 
     def _steps(self, x, steps, chunks, cond, sigmas, noise, guidance_scale, trained, record, keep_uncond):
         """Steps ``steps`` of the samples in ``chunks`` (of the whole batch ``x``): their latents after them.
-        The trained steps record their inputs, samples, log-probs, means and unconditional branch."""
-        policy, outs = self.policy, []
+        The trained steps record their inputs, samples, log-probs, means and unconditional branch. Where the
+        storage is in a lower precision, a recorded step's input is rounded before the denoiser sees it and its
+        sample before it is scored: the stored values are the ones computed with, so training repeats them."""
+        policy, store, outs = self.policy, self.storage, []
         for sl in chunks:
             xc, chunk_cond = x[sl], cond.select(sl)
             for i in steps:
                 dyn = self.dynamics if i in trained else self.ode
                 s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-                v_u = policy.unconditional_velocity(xc, s, cond=chunk_cond) if keep_uncond and i in trained else None
-                v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
+                recorded = i in record
+                if recorded:
+                    xc = store.round(xc)
+                with policy.denoising_step(trained=recorded):  # compiled or not (policy.compile)
+                    v_u = (policy.unconditional_velocity(xc, s, cond=chunk_cond) if keep_uncond and i in trained
+                           else None)
+                    v = policy.velocity(xc, s, chunk_cond, guidance_scale, uncond_velocity=v_u)
                 out = dyn.step(xc, v, s, s_next, noise=noise[i, sl])
-                if i in record:
-                    record[i].append((xc, out.prev_sample, out.log_prob, out.mean, v_u))
+                if recorded:
+                    sample = store.round(out.prev_sample)
+                    if sample is not out.prev_sample:  # the log-prob of the sample as stored (training rescores it)
+                        out = dyn.step(xc, v, s, s_next, prev_sample=sample)
+                    record[i].append((store.keep(xc, latent=True), store.keep(out.prev_sample, latent=True),
+                                      store.keep(out.log_prob, latent=False), store.keep(out.mean, latent=False),
+                                      store.keep(v_u, latent=False)))
                 xc = out.prev_sample
             outs.append(xc)
         return torch.cat(outs)

@@ -237,3 +237,16 @@ def test_flow_factorys_vlm_judge_becomes_vlm_judge(tmp_path):
     assert entry["args"] == {"template": VLM_TEMPLATE, "base_url": "http://gpu7:8000/v1", "model": "Qwen3-VL-8B",
                              "concurrency": 16, "retries": 5}
     assert "{prompt}" in VLM_TEMPLATE  # vlm_judge refuses a question without the prompt
+
+
+@pytest.mark.parametrize("trainer_type, expected", [("grpo", {"latent_storage_dtype": "bfloat16", "offload_rollout": True}),
+                                                    ("nft", {})])
+def test_memory_and_attention_options_map_where_they_do_something(tmp_path, trainer_type, expected):
+    ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
+    ff["train"].update(trainer_type=trainer_type, latent_storage_dtype="bf16", offload_samples_to_cpu=True)
+    ff["model"]["attn_backend"] = "native"
+    (tmp_path / "ff.yaml").write_text(yaml.safe_dump(ff))
+    console_main(["convert", str(tmp_path / "ff.yaml"), "-o", str(tmp_path / "out.yaml")])
+    init = load(tmp_path / "out.yaml")["model"]["init_args"]
+    assert {k: init[k] for k in ("latent_storage_dtype", "offload_rollout") if k in init} == expected
+    assert init["policy"]["attention_backend"] == "native"
