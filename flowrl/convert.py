@@ -157,8 +157,8 @@ RULES: dict[str, Rule] = {
     "train.adam_betas": _m("model.optimizer.init_args.betas"),
     "train.adam_epsilon": _m("model.optimizer.init_args.eps"),
     "train.enable_gradient_checkpointing": _m("model.policy.gradient_checkpointing"),
-    "train.offload_samples_to_cpu": _m("model.offload_rollout", "the algorithms that store a trajectory (grpo, "
-                                       "grpo-guard, dppo, diffusion-opd); elsewhere there is nothing to move"),
+    "train.offload_samples_to_cpu": _m("model.offload_rollout", "the stored trajectory (or final latents) in host "
+                                       "memory from sampling to training"),
     "train.latent_storage_dtype": _m("model.latent_storage_dtype", "fp16 / bf16 -> float16 / bfloat16, where a "
                                      "trajectory is stored; each trained step rounded where it is made, so the "
                                      "on-policy ratio stays exactly 1"),
@@ -559,12 +559,11 @@ def _optimizer(c: Conversion, train: dict, init: str) -> None:
     trainer_type = str(train.get("trainer_type", "grpo"))
     stores = trainer_type not in DECOUPLED  # the trained steps' latents are kept for training
     if "offload_samples_to_cpu" in train:
-        if train["offload_samples_to_cpu"] and stores:
+        if train["offload_samples_to_cpu"]:
             c.put(f"{init}.offload_rollout", True)
             c.note("train.offload_samples_to_cpu")
         else:
-            c.note("train.offload_samples_to_cpu", DROPPED, "false: nothing to do" if not
-                   train["offload_samples_to_cpu"] else f"{trainer_type} stores no trajectory to move")
+            c.note("train.offload_samples_to_cpu", DROPPED, "false: nothing to do")
     if "latent_storage_dtype" in train:
         dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(str(train["latent_storage_dtype"]))
         if dtype is None:

@@ -133,7 +133,4 @@ def rollout_storage(latent_storage_dtype: str, offload_rollout: bool, stores_tra
         raise ConfigError(f"latent_storage_dtype={latent_storage_dtype!r} does nothing for trainer_type "
                           f"{trainer_type!r}: its rollouts store no trajectory (final latents only); remove it "
                           "(float32)")
-    if offload_rollout and not stores_trajectory:
-        raise ConfigError(f"offload_rollout does nothing for trainer_type {trainer_type!r}: its rollouts store no "
-                          "trajectory to move (final latents only); remove it (false)")
     return storage

@@ -240,7 +240,7 @@ def test_flow_factorys_vlm_judge_becomes_vlm_judge(tmp_path):
 
 
 @pytest.mark.parametrize("trainer_type, expected", [("grpo", {"latent_storage_dtype": "bfloat16", "offload_rollout": True}),
-                                                    ("nft", {})])
+                                                    ("nft", {"offload_rollout": True})])
 def test_memory_and_attention_options_map_where_they_do_something(tmp_path, trainer_type, expected):
     ff = load(os.path.join(DATA, "grpo_lora_sd3_5.yaml"))
     ff["train"].update(trainer_type=trainer_type, latent_storage_dtype="bf16", offload_samples_to_cpu=True)
