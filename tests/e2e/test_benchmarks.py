@@ -109,3 +109,37 @@ def test_memory_of_two_fsdp2_processes_is_half_of_one_each(tmp_path):
         assert sum(r[key] for r in rows) == pytest.approx(whole, abs=0.02), key
         assert all(r[key] < 0.6 * whole for r in rows), key
     assert sum(r["optimizer_mib"] for r in rows) == pytest.approx(2 * whole, abs=0.04)  # AdamW: two moments
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    """``benchmarks/gpu.py --smoke``: its code path on the CPU (tiny SD3 and tiny FLUX.1-dev, grpo, eager): one
+    JSON record per run with the fields the GPU run reports, and the model FLOPs counted from the call shapes."""
+    import torch
+
+    bench = _load("gpu")
+    out = tmp_path / "gpu.json"
+    res = bench.main_(["--smoke", "--setups", "sd35m", "flux_dev", "--algorithms", "grpo", "--compile",
+                       "--iterations", "1", "--peak-tflops", "2.0", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    sd3, flux = res["results"]
+    assert (sd3["setup"], flux["setup"]) == ("sd35m", "flux_dev")
+    # 3 steps x 2 CFG branches + the 2 trained steps; FLUX is guidance-distilled: one pass a step
+    assert sd3["transformer_calls_per_iteration"] == 8 and flux["transformer_calls_per_iteration"] == 5
+    for r in (sd3, flux):
+        assert r["algorithm"] == "grpo" and r["compiled"] is False and r["compile_mode"] is None
+        assert r["device"] == res["device"] and r["lora_rank"] == 32 and r["smoke"] is True
+        assert r["peak_memory_gib"] is None  # no GPU
+        assert r["images_per_second"] == pytest.approx(r["images_per_iteration"] / r["seconds_per_iteration"])
+        assert r["mfu"] == pytest.approx(r["model_tflop_per_iteration"] / r["seconds_per_iteration"] / 2.0)
+        assert r["eager_floor_seconds"] > 0 and r["ratio_to_eager_floor"] > 0
+        assert 0 < r["trainable_parameters"] < r["transformer_parameters"]
+    # FLOPs: 2 x parameters x tokens, x3 with autograd on; a 4-d latent patched, a packed one as it is
+    p = 1000
+    hidden, text = torch.zeros(2, 4, 8, 8), torch.zeros(2, 5, 3)
+    assert bench.call_tflop({"hidden_states": hidden, "encoder_hidden_states": text}, False, p, 2) == \
+        pytest.approx(2 * p * (2 * 16 + 2 * 5) / 1e12)
+    assert bench.call_tflop({"hidden_states": torch.zeros(2, 16, 64)}, True, p, 1) == \
+        pytest.approx(3 * 2 * p * 32 / 1e12)
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe", None) == 756.0
+    assert bench.peak_tflops("Some GPU", None) is None and bench.peak_tflops("Some GPU", 5.0) == 5.0
