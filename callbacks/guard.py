@@ -24,18 +24,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ._swap import copy_trained_parameters, named_parameters_of, restore_parameters
 from .ema import EMA
 
-__all__ = ["GUARD_ACTIONS", "RewardHackingGuard"]
+__all__ = ["GUARD_ACTIONS", "GuardConfigError", "RewardHackingGuard"]
 
 GUARD_ACTIONS = ("warn", "stop", "rollback")
 _KEEP = ("memory", "disk")
 _SHARDING = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
+class GuardConfigError(ValueError):
+    """An option or a monitored metric the guard refuses; the message names it and the fix (``flowrl fit`` prints it
+    as one ``error:`` line, as its own refusals)."""
+
+
 def _finite(name: str, value: float, low: float, low_inclusive: bool = True) -> float:
     value = float(value)
     ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
     if not ok:
-        raise ValueError(f"RewardHackingGuard: {name} must be a finite number {'>=' if low_inclusive else '>'} "
+        raise GuardConfigError(f"RewardHackingGuard: {name} must be a finite number {'>=' if low_inclusive else '>'} "
                          f"{low}; got {value!r}.")
     return value
 
@@ -131,22 +136,22 @@ class RewardHackingGuard(pl.Callback):
     ) -> None:
         super().__init__()
         if action not in GUARD_ACTIONS:
-            raise ValueError(f"RewardHackingGuard: unknown action {action!r}; choose one of {', '.join(GUARD_ACTIONS)}.")
+            raise GuardConfigError(f"RewardHackingGuard: unknown action {action!r}; choose one of {', '.join(GUARD_ACTIONS)}.")
         if keep_best not in _KEEP:
-            raise ValueError(f"RewardHackingGuard: unknown keep_best {keep_best!r}; choose one of {', '.join(_KEEP)}.")
+            raise GuardConfigError(f"RewardHackingGuard: unknown keep_best {keep_best!r}; choose one of {', '.join(_KEEP)}.")
         if not gold or not train_metric or gold == train_metric:
-            raise ValueError("RewardHackingGuard: gold and train_metric must be two different metric names "
+            raise GuardConfigError("RewardHackingGuard: gold and train_metric must be two different metric names "
                              f"(got gold={gold!r}, train_metric={train_metric!r}).")
         if int(patience) != patience or patience < 1 or int(max_rollbacks) != max_rollbacks or max_rollbacks < 0:
-            raise ValueError(f"RewardHackingGuard: patience must be an integer >= 1 and max_rollbacks >= 0; got "
+            raise GuardConfigError(f"RewardHackingGuard: patience must be an integer >= 1 and max_rollbacks >= 0; got "
                              f"{patience!r}, {max_rollbacks!r}.")
         fraction = _finite("min_diversity_fraction", min_diversity_fraction, 0.0, low_inclusive=False)
         if fraction > 1.0:
-            raise ValueError(f"RewardHackingGuard: min_diversity_fraction must be in (0, 1]; got {fraction!r}.")
+            raise GuardConfigError(f"RewardHackingGuard: min_diversity_fraction must be in (0, 1]; got {fraction!r}.")
         self.kl_multiplier = _finite("kl_multiplier", kl_multiplier, 1.0)
         self.lr_divisor = _finite("lr_divisor", lr_divisor, 1.0)
         if action != "rollback" and (self.kl_multiplier != 1.0 or self.lr_divisor != 1.0 or load_best_at_end):
-            raise ValueError(f"RewardHackingGuard: kl_multiplier, lr_divisor and load_best_at_end act with the kept best "
+            raise GuardConfigError(f"RewardHackingGuard: kl_multiplier, lr_divisor and load_best_at_end act with the kept best "
                              f"state; set action: rollback or leave them at 1, 1, false (action is {action!r}).")
         self.gold, self.train_metric, self.diversity = gold, train_metric, diversity
         self.margin = _finite("margin", margin, 0.0)
@@ -185,11 +190,11 @@ class RewardHackingGuard(pl.Callback):
         if stage != "fit" or self.action != "rollback":
             return
         if any(name in type(trainer.strategy).__name__ for name in _SHARDING):
-            raise ValueError(f"RewardHackingGuard: action rollback keeps a copy of the whole trained weights and "
+            raise GuardConfigError(f"RewardHackingGuard: action rollback keeps a copy of the whole trained weights and "
                              f"optimizer state, which {type(trainer.strategy).__name__} shards; use strategy: ddp, "
                              "or action: warn or stop.")
         if self.kl_multiplier != 1.0 and not self._kl_holders(trainer):
-            raise ValueError(f"RewardHackingGuard: kl_multiplier={self.kl_multiplier:g} but no callback has a kl_beta "
+            raise GuardConfigError(f"RewardHackingGuard: kl_multiplier={self.kl_multiplier:g} but no callback has a kl_beta "
                              "> 0; add callbacks.ReferenceModel with kl_beta > 0 or leave kl_multiplier at 1.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,7 +290,7 @@ class RewardHackingGuard(pl.Callback):
     def _refuse_missing(self, name: str, what: str, metrics: dict[str, Any]) -> None:
         logged = ", ".join(sorted(metrics)) or "none"
         fix = "name one of them in limits" if what == "limits" else f"set {what} to one of them"
-        raise ValueError(f"RewardHackingGuard: {what} {name!r} is not logged; the logged metrics are: {logged}. "
+        raise GuardConfigError(f"RewardHackingGuard: {what} {name!r} is not logged; the logged metrics are: {logged}. "
                          f"{fix[0].upper()}{fix[1:]}.")
 
     def _record(self, trainer: pl.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,11 @@ def console_main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("FLOWRL_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    from callbacks.guard import GuardConfigError
+
     try:
         main(argv)
-    except ConfigError as e:
+    except (ConfigError, GuardConfigError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -90,7 +90,8 @@ def reference() -> str:
     sections += [("`model.step_selection`: `flowrl.dynamics.TrainSteps`", TrainSteps), ("`model.policy`", PolicyConfig), ("`model.eval`", EvalConfig), ("`model.rewards[]` (each entry)", RewardSpec),
                 ("`data`", PromptDataModule)]
     sections += [(f"`trainer.callbacks`: `callbacks.{name}`", getattr(callbacks, name))
-                 for name in ("EMA", "OffPolicySampling", "ReferenceModel", "SamplePlots", "IterationTimes")]
+                 for name in ("EMA", "OffPolicySampling", "ReferenceModel", "SamplePlots", "IterationTimes",
+                              "RewardHackingGuard")]
     for title, cls in sections:
         out += ["", f"## {title}", ""] + _table(_options(cls))
     out += ["", "The `trainer` section is Lightning's `Trainer` (`flowrl fit --help` lists it); flowrl's defaults there:",

@@ -328,3 +328,21 @@ def test_a_kl_multiplier_without_a_kl_coefficient_is_refused_at_setup():
     with pytest.raises(ValueError, match="kl_multiplier=10 but no callback has a kl_beta > 0; add "
                                          "callbacks.ReferenceModel with kl_beta > 0"):
         fit(Scripted(HACKED), guard, ReferenceModel(kl_beta=0.0))
+
+
+def test_flowrl_fit_refuses_a_gold_metric_nobody_logs_in_one_line(tmp_path, monkeypatch, capsys):
+    """Through the CLI the refusal is one ``error:`` line and status 2, as flowrl's own refusals."""
+    import os
+
+    from flowrl.cli import console_main
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(tmp_path)
+    guard = '[{class_path: callbacks.RewardHackingGuard, init_args: {gold: val/not_logged}}]'
+    with pytest.raises(SystemExit) as info:
+        console_main(["fit", "--config", os.path.join(root, "lightning_configs", "toy", "nft.yaml"),
+                      f"--trainer.callbacks+={guard}", "--trainer.max_steps=1", "--trainer.accelerator=cpu",
+                      "--trainer.precision=32-true", "--data.max_val_prompts=1", "--data.val_samples_per_prompt=2",
+                      "--model.eval.num_inference_steps=2", "--trainer.logger=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "val/not_logged" in err and "Traceback" not in err
