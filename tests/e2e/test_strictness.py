@@ -149,7 +149,7 @@ NOT_NUMERIC = {"policy", "rewards", "eval_rewards", "dynamics", "step_selection"
                "optimizer", "lr_scheduler", "seed", "time_sampling_strategy", "awm_weighting", "guard_loss_weighting",
                "advantage_estimator", "on_reward_error", "async_rewards", "add_kl_coefficient", "clip_dsm",
                "use_ema_ref", "use_shared_noise", "adaptive_logp", "reward_adaptive_kl", "crd_loss_type",
-               "ref_param_device"}
+               "ref_param_device", "latent_storage_dtype", "offload_rollout"}
 MORE_OUT_OF_RANGE = [  # second values of options whose range has two ends, or depends on the schedule
     ("noise_level", {"noise_level": 1.5}),  # Flow-SDE: above sqrt(2)
     ("noise_level", {"noise_level": -0.1}),
