@@ -149,12 +149,24 @@ def build(path: Path, layers: int, width: int, dtype: str = "float32") -> None:
                                     vae_downsample=2), path, dtype)
 
 
+def _json_rows(out: str) -> list[dict]:
+    """Every JSON object the child processes printed: two ranks writing to one pipe at once may put two on a line."""
+    decoder, rows = json.JSONDecoder(), []
+    for line in out.splitlines():
+        i = line.find("{")
+        while i != -1:
+            row, end = decoder.raw_decode(line, i)
+            rows.append(row)
+            i = line.find("{", end)
+    return rows
+
+
 def run_one(name: str, path: str, processes: int) -> list[dict]:
     """One configuration in a fresh process (each FSDP2 process prints its own line)."""
     out = subprocess.run([sys.executable, __file__, "--one", name, path, str(processes)],
                          capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
                          if processes > 1 else None).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = _json_rows(out)
     for row in rows:
         print(row, flush=True)
     return sorted(rows, key=lambda r: r["rank"])
@@ -259,7 +271,7 @@ def run_load(path: str, finetune_type: str, frozen_dtype: str, lean: bool, warm:
             stopped = True
         time.sleep(0.2)
     out = child.stdout.read()
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = _json_rows(out)
     if stopped or not rows:
         return {"finetune_type": finetune_type, "frozen_dtype": frozen_dtype,
                 "path": "lean" if lean else "float32_then_cast",
