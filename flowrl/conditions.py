@@ -130,8 +130,7 @@ def resolve_image_paths(entry, base_dir: str, where: str) -> list[str]:
 
 def to_pil_image(image: torch.Tensor):
     """A float ``(3, H, W)`` tensor in [0, 1] as the 8-bit PIL image it was read from (exact for k / 255 values: what a
-    stock pipeline is given)."""
-    from PIL import Image
+    stock pipeline is given): the rewards' own 8-bit conversion of a batch of one."""
+    from flowrl.rewards.base import to_pil
 
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    return to_pil(image[None])[0]

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from flowrl.conditions import to_pil_image
 from flowrl.errors import ConfigError
 from flowrl.policy.adapter import Conditioning, register_adapter
 from flowrl.policy.qwen_image import QwenImageAdapter
@@ -46,15 +47,6 @@ STOCK_VAE_IMAGE_AREA = 1024 * 1024
 STOCK_VL_IMAGE_AREA = 384 * 384
 #: condition image sides are rounded to multiples of this (``calculate_dimensions``)
 SIDE_MULTIPLE = 32
-
-
-def _to_pil(image: torch.Tensor):
-    """A float ``(3, H, W)`` tensor in [0, 1] as the 8-bit RGB PIL image the stock pipelines take (exact for
-    images read from 8-bit files)."""
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 def fit_area(width: int, height: int, area: int) -> tuple[int, int]:
@@ -130,7 +122,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
                          device: torch.device) -> Conditioning:
         embeds, latents, shapes = [], [], []
         for prompt, condition in zip(prompts, conditions):
-            images = [_to_pil(im) for im in condition]
+            images = [to_pil_image(im) for im in condition]
             embeds.append(self._encode_text(prompt, self._prompt_images(images), device))
             tokens, grids = self._image_latents(images, device)
             latents.append(tokens)

@@ -18,9 +18,10 @@ from tiny import fit_one_iteration, make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.conditions import ConditionImages
+from flowrl.conditions import to_pil_image as _to_pil
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
-from flowrl.policy.qwen_image_edit import QwenImageEditAdapter, QwenImageEditPlusAdapter, _to_pil
+from flowrl.policy.qwen_image_edit import QwenImageEditAdapter, QwenImageEditPlusAdapter
 from flowrl.policy.tiny.qwen_image_edit import build, stock_area_patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
