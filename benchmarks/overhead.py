@@ -24,10 +24,12 @@ compilation switched off (``torch.compiler.set_stance("force_eager")``) right af
 compiled run too, so ``ratio_to_eager_floor`` below 1 is what compilation gains over eager compute. A compiled
 record also holds its compile time (torch's account, forward and backward graphs, warm-up included), the graphs
 compiled during the measured iterations (0 once every shape is compiled) and ``break_even_iterations``: the compile
-time over the seconds an iteration saves against the eager run of the same configuration (null: it saves none).
+time over the seconds an iteration saves against the eager run of the same configuration, from the paired ratios
+(null: it saves none).
 
     python benchmarks/overhead.py [--iterations 3] [--setups toy sd3_t5] [--algorithms grpo nft awm]
                                   [--compile rollout all]
+    python benchmarks/overhead.py --table [--out benchmarks/overhead.json]   # the records as a Markdown table
 """
 
 from __future__ import annotations
@@ -315,6 +317,40 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def break_even(eager: dict, compiled: dict) -> float | None:
+    """Iterations after which ``compiled``'s compile time is paid back (None: it saves nothing). The seconds an
+    iteration saves are read from the paired ratios (each run against the eager floor replayed next to it) times the
+    eager run's floor, not from the two runs' raw times, which the machine's drift between runs moves by 10-20%."""
+    saved = (eager["ratio_to_eager_floor"] - compiled["ratio_to_eager_floor"]) * eager["eager_floor_seconds"]
+    return compiled["compile_seconds"] / saved if saved > 0 else None
+
+
+def table(results: list[dict]) -> str:
+    """The records as one Markdown row per setup, algorithm and precision: the eager run and each compiled mode,
+    seconds per iteration and the paired ratio to the eager floor, with compile time and iterations to break even."""
+    modes = sorted({r["compile_mode"] for r in results if r.get("compiled")}, key=["rollout", "all"].index)
+    head = ["setup", "algorithm", "precision", "eager floor s", "eager s/it (ratio)"]
+    head += [f"{m} s/it (ratio), compile s, break-even it" for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        rows.setdefault((r["setup"], r["algorithm"], r["precision"]), {})[r.get("compile_mode")] = r
+    for (setup, algorithm, precision), by_mode in rows.items():
+        eager = by_mode.get(None)
+        cells = [setup, algorithm, precision, f"{eager['eager_floor_seconds']:.3f}" if eager else "-",
+                 f"{eager['seconds_per_iteration']:.3f} ({eager['ratio_to_eager_floor']:.3f})" if eager else "-"]
+        for m in modes:
+            r = by_mode.get(m)
+            if r is None:
+                cells.append("-")
+                continue
+            even = r.get("break_even_iterations")
+            cells.append(f"{r['seconds_per_iteration']:.3f} (**{r['ratio_to_eager_floor']:.3f}**), "
+                         f"{r['compile_seconds']:.1f}, {'never' if even is None else f'{even:.0f}'}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main_(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=3)
@@ -327,10 +363,16 @@ def main_(argv=None) -> dict:
                         help="one more override for every run, as --extra=--model.num_inference_steps=4 (repeatable)")
     parser.add_argument("--compile", nargs="+", default=[], choices=["rollout", "all"],
                         help="also run every configuration with these policy.compile modes (after its eager run)")
+    parser.add_argument("--table", action="store_true",
+                        help="instead: print the Markdown table of the records already in --out")
     parser.add_argument("--scaling", action="store_true",
                         help="instead: the scaling sweep (samples, resolution, trained steps) -> overhead_scaling.json/png")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # the runs work in a temporary directory
+    if args.table:
+        saved = json.loads(args.out.read_text())
+        print(table(saved["results"]))
+        return saved
     cpu = cpu_description()
     precisions = args.precisions or (["32-true", "bf16-mixed"] if cpu["native_bf16"] else ["32-true"])
     results, cwd = [], os.getcwd()
@@ -363,8 +405,7 @@ def _measure(args, cpu, precisions, results, tmp: Path) -> dict:
                     if mode is None:
                         eager = r
                     else:
-                        saved = eager["seconds_per_iteration"] - r["seconds_per_iteration"]
-                        r["break_even_iterations"] = r["compile_seconds"] / saved if saved > 0 else None
+                        r["break_even_iterations"] = break_even(eager, r)
                     print(f"{setup:7s} {algorithm:5s} {precision:10s} {mode or 'eager':7s} "
                           f"{r['seconds_per_iteration']:.3f} s/it, eager floor {r['eager_floor_seconds']:.3f} s, "
                           f"ratio {r['ratio_to_eager_floor']:.3f}, in-run ratio {r['ratio_to_in_run_compute']:.3f}"
@@ -373,6 +414,7 @@ def _measure(args, cpu, precisions, results, tmp: Path) -> dict:
     out = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "results": results}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
+    print(table(results))
     return out
 
 

@@ -237,3 +237,9 @@ def test_overhead_benchmark_compile_mode_smoke(tmp_path):
     saved = json.loads((tmp_path / "overhead.json").read_text())
     assert [r["compiled"] for r in saved["results"]] == [False, True]
     assert (tmp_path / "overhead.png").stat().st_size > 0
+    # the Markdown table of the saved records (--table): one row, the eager run beside the compiled one
+    md = bench.table(saved["results"])
+    assert md.splitlines()[0].startswith("| setup | algorithm | precision | eager floor s | eager s/it (ratio) | rollout")
+    row = md.splitlines()[2]
+    assert row.startswith("| sd3_t5 | grpo | 32-true | ") and f"(**{compiled['ratio_to_eager_floor']:.3f}**)" in row
+    assert bench.main_(["--table", "--out", str(tmp_path / "overhead.json")]) == saved
