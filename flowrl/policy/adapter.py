@@ -98,6 +98,16 @@ class Conditioning:
                       for k, v in self.per_sample.items()}
         return Conditioning({k: v.to(device) for k, v in self.tensors.items()}, per_sample, moved)
 
+    def float(self) -> Conditioning:
+        """Its floating tensors (batch-first, shared, per sample) in float32, the others as they are: what a float32
+        denoiser reads when the encoders that made them run in bf16 / fp16 (``frozen_dtype``). Exact: a bf16 or fp16
+        value is a float32 value."""
+        def cast(x):
+            return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        return Conditioning({k: cast(v) for k, v in self.tensors.items()},
+                            {k: [cast(x) for x in v] for k, v in self.per_sample.items()},
+                            {k: cast(v) for k, v in self.shared.items()})
+
     @property
     def device(self) -> torch.device:
         for t in self.tensors.values():

@@ -256,6 +256,7 @@ class FlowMatchingPolicy(nn.Module):
         )
         self.frozen.requires_grad_(False).eval()
         self.frozen.to(getattr(torch, frozen_dtype))
+        self.frozen_dtype = getattr(torch, frozen_dtype)  # the encoders' (and VAE's) dtype
         self.transformer.requires_grad_(finetune_type == "full")
         #: dtype of the denoiser's frozen base weights: ``frozen_dtype`` under LoRA, float32 when fully trained
         self.base_dtype = getattr(torch, frozen_dtype) if finetune_type == "lora" else torch.float32
@@ -444,9 +445,15 @@ class FlowMatchingPolicy(nn.Module):
                  guidance: float | None) -> torch.Tensor:
         """One call of ``denoiser`` as float32. A low-precision frozen base (LoRA with ``frozen_dtype``) computes
         under autocast in that dtype when no autocast is active (the Trainer's ``precision`` otherwise decides), so
-        float32 adapters and activations meet bf16 weights without dtype errors."""
+        float32 adapters and activations meet bf16 weights without dtype errors. A fully trained (float32) denoiser
+        with bf16 / fp16 encoders and no autocast reads their conditioning as float32, as diffusers' pipelines cast
+        the prompt embeddings to the transformer's dtype."""
         device_type = latents.device.type
-        if self.base_dtype == torch.float32 or torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type):
+            return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()
+        if self.base_dtype == torch.float32:
+            if self.frozen_dtype != torch.float32:
+                cond = cond.float()
             return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()
         with torch.autocast(device_type, dtype=self.base_dtype):
             return self.adapter.forward(denoiser, latents, sigma, cond, guidance).float()

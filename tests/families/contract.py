@@ -107,10 +107,16 @@ class FamilyContract:
     def check_checkpointing(self, path, finetune_type, off, on, calls) -> None:
         """What a family checks of gradient checkpointing beyond equal gradients."""
 
-    @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
-    def test_grpo_on_policy_ratio_is_exactly_one(self, path, frozen_dtype):
-        """Every rollout log-prob is recomputed bit for bit by the training pass, also with a bf16 frozen base."""
-        module = self.make(GRPO, path, frozen_dtype=frozen_dtype, clip_range=1e-2, noise_level=self.noise_level)
+    @pytest.mark.parametrize("finetune_type, frozen_dtype", [("lora", "float32"), ("lora", "bfloat16"),
+                                                             ("full", "bfloat16")])
+    def test_grpo_on_policy_ratio_is_exactly_one(self, path, finetune_type, frozen_dtype):
+        """Every rollout log-prob is recomputed bit for bit by the training pass, also with a bf16 frozen base, and
+        with a fully trained float32 denoiser beside bf16 encoders and no autocast (their outputs read as float32)."""
+        module = self.make(GRPO, path, finetune_type=finetune_type, frozen_dtype=frozen_dtype, clip_range=1e-2,
+                           noise_level=self.noise_level)
+        if finetune_type == "full":
+            assert {p.dtype for p in module.policy.transformer.parameters()} == {torch.float32}
+            assert not torch.is_autocast_enabled("cpu")
         randomize_lora(module)
         rollout = module.rollout(self.prompts, conditions=self.conditions())
         assert rollout.log_probs.dtype == torch.float32 and rollout.log_probs.shape == (4, 3)
