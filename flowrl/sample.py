@@ -83,9 +83,9 @@ def sample_images(pipeline, prompts: Sequence[str], *, num_inference_steps: int 
     (and a video's frame count) is the one flowrl trains with (``adapter``, default the family's). ``conditions``:
     each prompt's condition images (editing, image-to-video), given to the stock call one prompt at a time, as the
     adapter encodes them (``stock_condition_kwargs``)."""
-    from flowrl.policy.adapter import adapter_for
-
     from tqdm.auto import tqdm
+
+    from flowrl.policy.adapter import adapter_for
 
     kwargs = {k: v for k, v in {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                                 "height": height, "width": width}.items() if v is not None}

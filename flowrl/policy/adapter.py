@@ -162,6 +162,36 @@ def scheduler_sigmas(scheduler, num_inference_steps: int, image_seq_len: int) ->
 _ADAPTERS: dict[str, list[tuple[type[ModelAdapter], Callable | None]]] = {}
 
 
+#: loaders of pipeline components flowrl loads itself, keyed by their model_index.json entry (library, class)
+_COMPONENT_LOADERS: dict[tuple[str, str], Callable] = {}
+
+
+def register_component_loader(library: str, class_name: str):
+    """Registers ``loader(path, subfolder, revision) -> component | None`` for the pipeline components that
+    model_index.json names ``[library, class_name]``: where it returns a component, the pipeline is loaded with it
+    (``from_pretrained(path, <name>=component)``); None leaves that component to diffusers' own loader. For a
+    component the stock loader cannot build in flowrl's environment (Qwen-Image-Edit's processor without
+    torchvision)."""
+
+    def wrap(loader):
+        _COMPONENT_LOADERS[(library, class_name)] = loader
+        return loader
+
+    return wrap
+
+
+def component_overrides(index: dict, path: str, revision: str | None) -> dict:
+    """The components of the pipeline at ``path`` (its model_index.json, ``index``) that a registered loader
+    builds, by name."""
+    overrides = {}
+    for name, entry in index.items():
+        loader = _COMPONENT_LOADERS.get(tuple(entry)) if isinstance(entry, list) and len(entry) == 2 else None
+        component = loader(path, name, revision) if loader is not None else None
+        if component is not None:
+            overrides[name] = component
+    return overrides
+
+
 def register_adapter(*pipeline_class_names: str, when: Callable | None = None):
     """Registers a ``ModelAdapter`` subclass for pipelines of these class names. ``when(pipeline) -> bool``: only
     for the pipelines it accepts, a variant of a class another adapter takes too (Wan2.2's two-expert

@@ -14,7 +14,7 @@ from torch import nn
 from flowrl.conditions import ConditionImages
 from flowrl.errors import ConfigError
 from flowrl.plugins import model_alias, model_aliases
-from flowrl.policy.adapter import Conditioning, adapter_for
+from flowrl.policy.adapter import Conditioning, adapter_for, component_overrides
 from flowrl.policy.attention import check_attention_backend, check_attention_device, set_attention_backend
 from flowrl.policy.compile import RegionalCompile, check_compile_mode
 from flowrl.policy.prompt_cache import PromptCache
@@ -206,6 +206,8 @@ def _load_pipeline(config: PolicyConfig):
     # Components saved as null (e.g. an SD3 without T5) must be passed as None explicitly.
     none_components = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     with _loading_bars_on_a_terminal_only():
+        # components the stock loader cannot build here (adapter.register_component_loader), built by flowrl
+        kwargs.update(component_overrides(index, path, config.revision))
         return _pipeline_loader(config.pipeline_class).from_pretrained(path, **none_components, **kwargs)
 
 

@@ -30,16 +30,22 @@ done as the stock ``__call__`` does it:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import ProcessorMixin, Qwen2VLProcessor
 
 from flowrl.conditions import to_pil_image
 from flowrl.errors import ConfigError
-from flowrl.policy.adapter import Conditioning, register_adapter
+from flowrl.policy.adapter import Conditioning, register_adapter, register_component_loader
 from flowrl.policy.qwen_image import QwenImageAdapter
+
+#: diffusers' pipeline loader looks a component's base classes up by name in the module model_index.json names
+#: (this one, for :class:`ImageQwen2VLProcessor`), hence ``ProcessorMixin`` here
+__all__ = ["ImageQwen2VLProcessor", "ProcessorMixin", "QwenImageEditAdapter", "QwenImageEditPlusAdapter"]
 
 #: the stock pipelines' VAE size of a condition image, in pixels (``calculate_dimensions(1024 * 1024, ...)``)
 STOCK_VAE_IMAGE_AREA = 1024 * 1024
@@ -56,6 +62,33 @@ def fit_area(width: int, height: int, area: int) -> tuple[int, int]:
     new_width = math.sqrt(area * ratio)
     new_height = new_width / ratio
     return round(new_width / SIDE_MULTIPLE) * SIDE_MULTIPLE, round(new_height / SIDE_MULTIPLE) * SIDE_MULTIPLE
+
+
+class ImageQwen2VLProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video processor: transformers builds Qwen2-VL's video processor only with
+    torchvision installed, and the edit pipelines give the VL encoder images only. Text and images are processed
+    by the stock class's code (the image placeholder expanded to the image's vision tokens, Qwen2-VL's image
+    processor). It saves and loads with ``save_pretrained`` / ``from_pretrained`` like the stock class."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # the stock __init__ hands (image_processor, tokenizer, video_processor) on to ProcessorMixin, which pairs
+        # them with this signature's processor attributes: the absent video processor drops out there
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+@register_component_loader("transformers", "Qwen2VLProcessor")
+def _image_processor_without_torchvision(path: str, subfolder: str, revision: str | None):
+    """The Qwen-Image-Edit checkpoints' ``processor`` (a stock ``Qwen2VLProcessor``, which transformers refuses to
+    build without torchvision for its video part) as :class:`ImageQwen2VLProcessor` where torchvision is missing;
+    None (the stock loader) where it is installed. flowrl does not require torchvision (a CPU torch has none
+    matching it on every index), and the edit pipelines never give the processor a video."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"[flowrl] torchvision is not installed: {subfolder} loads as {ImageQwen2VLProcessor.__name__} "
+                   "(Qwen2VLProcessor without its video processor; the edit pipelines give it images only)")
+    return ImageQwen2VLProcessor.from_pretrained(path, subfolder=subfolder, revision=revision)
 
 
 @register_adapter("QwenImageEditPipeline")

@@ -52,8 +52,8 @@ def test_an_editing_run_trains_exports_and_samples_with_its_condition_images(tin
     assert console_main(["sample", "--lora", out, "--prompts", edits, "--num_per_prompt", "2", "--out",
                          flowrl_samples, "--num_inference_steps", "3", "--resolution", "16", "--dynamics", "ODE",
                          "--no_progress"]) is None
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     for record in summary["images"]:
         a = np.asarray(Image.open(os.path.join(samples, record["image"])), dtype=np.int16)

@@ -7,14 +7,14 @@ import pytest
 import torch
 from contract import FamilyContract, condition_images, image_prompt_file
 from diffusers import FluxKontextPipeline
+from tiny import make_module
 
 from flowrl.algorithms import GRPO
 from flowrl.conditions import ConditionImages
+from flowrl.conditions import to_pil_image as _to_pil
 from flowrl.errors import ConfigError
 from flowrl.policy import FlowMatchingPolicy, PolicyConfig
-from flowrl.conditions import to_pil_image as _to_pil
 from flowrl.policy.flux_kontext import FluxKontextAdapter
-from tiny import make_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUIDANCE = 2.5  # FLUX.1-Kontext-dev's default guidance_scale

@@ -8,7 +8,10 @@ The stock pipelines resize condition images to 1024 x 1024 pixels for the VAE; h
 makes it 32 x 32 and :func:`stock_area_patches` patches the stock constant to the same value, so the comparisons
 with the stock call stay exact (one test checks the stock size itself, unpatched)."""
 
+import importlib.util
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -101,6 +104,45 @@ def test_loading_selects_the_adapter_and_encodes_prompts_with_their_images(varia
     assert other["prompt_embeds"][0].shape == embeds[0].shape
     assert not torch.equal(other["prompt_embeds"][0], embeds[0])
     assert not torch.equal(other["image_latents"][0], latents[0])
+
+
+def as_stock_checkpoint(src: str, dst) -> str:
+    """A copy of the tiny Qwen-Image-Edit laid out as the real checkpoints are: its processor a stock
+    ``Qwen2VLProcessor`` (model_index.json, processor_config.json) with a video processor config beside it."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((dst / "processor" / "processor_config.json").read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    (dst / "processor" / "processor_config.json").write_text(json.dumps(config))
+    video = {k: config["image_processor"][k] for k in ("image_mean", "image_std", "merge_size", "patch_size",
+                                                       "temporal_patch_size")}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", processor_class="Qwen2VLProcessor")
+    (dst / "processor" / "video_preprocessor_config.json").write_text(json.dumps(video))
+    return str(dst)
+
+
+def test_a_real_checkpoints_processor_loads_without_torchvision(edit_path, tmp_path):
+    """The real checkpoints' processor is a stock ``Qwen2VLProcessor``, which transformers refuses to build without
+    torchvision (for its video part); flowrl then loads it without the video part, and the policy encodes prompts
+    with their images as from the tiny pipeline's own processor, bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    stock = as_stock_checkpoint(edit_path, tmp_path / "stock")
+    torchvision = importlib.util.find_spec("torchvision") is not None
+    if not torchvision:
+        with pytest.raises(ImportError, match="Torchvision"):  # diffusers alone
+            DiffusionPipeline.from_pretrained(stock)
+    policy, reference = edit_policy(stock), edit_policy(edit_path)
+    expected = "Qwen2VLProcessor" if torchvision else "ImageQwen2VLProcessor"
+    assert type(policy.pipeline.processor).__name__ == expected
+    condition = ConditionImages.from_tensors([image(0, (3, 16, 24))])
+    cond, ref = (p.encode_prompt(["make it red"], [condition], 16, 16) for p in (policy, reference))
+    assert cond["prompt_embeds"][0].shape == ref["prompt_embeds"][0].shape
+    if not torchvision:  # (a torchvision install gives the stock, torchvision-backed image processor)
+        assert torch.equal(cond["prompt_embeds"][0], ref["prompt_embeds"][0])
+    assert torch.equal(cond["image_latents"][0], ref["image_latents"][0])
 
 
 def test_image_latents_are_the_stock_normalised_vae_mode(edit_path, stock_at_area):

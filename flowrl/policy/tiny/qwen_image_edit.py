@@ -8,9 +8,9 @@ components of a few kilobytes, built from config objects as :mod:`flowrl.policy.
   piece); ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>`` and ``<|video_pad|>`` are special tokens.
 * Processor: Qwen2-VL's (the tokenizer and Qwen2-VL's image processor: 14 px patches merged 2x2, so 28 px per
   vision token) with ``max_pixels`` 56 x 56: each condition image reaches the VL encoder as at most 4 vision tokens
-  (the real processor allows 12.8 M pixels). It is :class:`ImageQwen2VLProcessor`, the stock ``Qwen2VLProcessor``
-  without the video part that transformers builds only with torchvision (not installed here); ``model_index.json``
-  names this module for it, and ``from_pretrained`` loads it from there.
+  (the real processor allows 12.8 M pixels). It is :class:`flowrl.policy.qwen_image_edit.ImageQwen2VLProcessor`,
+  the stock ``Qwen2VLProcessor`` without the video part that transformers builds only with torchvision (not installed
+  here), which flowrl also loads a real checkpoint's processor as where torchvision is missing.
 * Text encoder: Qwen2.5-VL with a 1-layer, 32-wide language model and a 1-block, 16-wide vision tower that the
   condition images go through, its image token ids those of the tokenizer.
 * Transformer: Qwen-Image's tiny one; ``zero_cond_t`` (Qwen-Image-Edit-2511: the condition image tokens are
@@ -27,14 +27,16 @@ from collections.abc import Iterable
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-from transformers import ProcessorMixin, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import ProcessorMixin, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from flowrl.policy.qwen_image_edit import ImageQwen2VLProcessor
 from flowrl.policy.tiny import qwen_image
 from flowrl.policy.tiny.text import DEFAULT_WORDS
 
 #: diffusers' pipeline loader finds a component's loading method through the base classes it looks up by name in the
-#: component's module (model_index.json names this module for :class:`ImageQwen2VLProcessor`)
+#: component's module (the tiny pipelines saved before ImageQwen2VLProcessor moved to flowrl.policy.qwen_image_edit
+#: name this module for it)
 __all__ = ["ImageQwen2VLProcessor", "ProcessorMixin", "build", "build_edit_tokenizer", "stock_area_patches"]
 
 #: the VL encoder's image (and, unused, video) tokens, as Qwen2.5-VL's tokenizer spells them
@@ -63,18 +65,6 @@ def build_edit_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
     tokenizer = qwen_image.build_qwen2_tokenizer([*words, *EDIT_WORDS], template=text)
     tokenizer.add_tokens([VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD], special_tokens=True)
     return tokenizer
-
-
-class ImageQwen2VLProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without its video processor: transformers builds Qwen2-VL's video processor only with
-    torchvision installed, and the edit pipelines give the VL encoder images only. Text and images are processed
-    by the stock class's code (the image placeholder expanded to the image's vision tokens, Qwen2-VL's image
-    processor). It saves and loads with ``save_pretrained`` / ``from_pretrained`` like the stock class."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # the stock __init__ hands (image_processor, tokenizer, video_processor) on to ProcessorMixin, which pairs
-        # them with this signature's processor attributes: the absent video processor drops out there
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 def build_processor(tokenizer, max_pixels: int = MAX_VL_PIXELS) -> ImageQwen2VLProcessor:
