@@ -257,11 +257,11 @@ class FlowMatchingPolicy(nn.Module):
             {n: getattr(pipeline, n) for n in self.adapter.frozen_components if getattr(pipeline, n, None) is not None}
         )
         self.frozen.requires_grad_(False).eval()
-        self.frozen.to(getattr(torch, frozen_dtype))
         self.frozen_dtype = getattr(torch, frozen_dtype)  # the encoders' (and VAE's) dtype
+        self.frozen.to(self.frozen_dtype)
         self.transformer.requires_grad_(finetune_type == "full")
         #: dtype of the denoiser's frozen base weights: ``frozen_dtype`` under LoRA, float32 when fully trained
-        self.base_dtype = getattr(torch, frozen_dtype) if finetune_type == "lora" else torch.float32
+        self.base_dtype = self.frozen_dtype if finetune_type == "lora" else torch.float32
         if finetune_type == "lora":
             # The frozen base in frozen_dtype (a bf16 SD3.5-M base is 5 GB, not 10), the adapters in float32.
             if any(p.dtype != self.base_dtype for p in self.transformer.parameters()):
